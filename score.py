@@ -1,0 +1,224 @@
+"""Per-token signals and the distillation loss of TIP (paper §3–4: Eqs. 1, 2, 3 and 9).
+
+For a context c_t the student and teacher give full-vocabulary next-token distributions P_S and P_T.
+Per response token this file computes, in nats and in fp32 whatever the input dtype:
+
+    entropy     H(P_S) = -Σ_v P_S(v) log P_S(v)                 (Eq. 2 divides it by ln |V|)
+    reverse_kl  δ_t = KL(P_S ‖ P_T) = Σ_v P_S(v) (log P_S(v) - log P_T(v))   (Eq. 3, the per-token loss of Eq. 1)
+    forward_kl  KL(P_T ‖ P_S)                                    (only a ranking signal: the Q3-only rule)
+
+and the loss of Eq. 1 / Eq. 9, the mean of reverse KL over the given (kept) rows.
+
+Memory is the point of the chunked functions. At Qwen3's vocabulary (151,936) one fp32 row of logits is
+0.6 MB, so logits for every response token do not fit. They take final hidden states and LM-head weights
+instead and materialise at most `chunk_size` rows of [rows, V] tensors at a time, in forward and backward:
+the loss computes each chunk's gradient in its forward pass and keeps only the [N, d] and [V, d] results.
+
+When the two heads differ in width (Qwen2.5-14B: 152,064 rows, Qwen2.5-1.5B: 151,936) both are cut to the
+shared first min(V_s, V_t) rows before any softmax; normalized entropy then uses that shared width. Logits
+are hidden @ headᵀ: a head with a bias, a logit scale or a final softcap must be refused by the caller
+(tip.check_head does), not silently mis-scored here.
+
+Public functions depend only on torch and their arguments, so each can be copied alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+
+class TokenStats(NamedTuple):
+    """Per-token signals, each shaped like the logits without their last dim, fp32, in nats."""
+
+    entropy: torch.Tensor  # H(P_S), Eq. 2 before the division by ln |V|
+    reverse_kl: torch.Tensor  # KL(P_S ‖ P_T), Eq. 3
+    forward_kl: torch.Tensor  # KL(P_T ‖ P_S)
+
+
+def normalized_entropy(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Eq. 2: h_t = H(P_S) / ln |V| ∈ [0, 1]. With heads of different width, |V| is the shared width."""
+    return entropy / math.log(vocab_size)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for bf16/fp16/fp32 inputs (the softmax and KL always run at least in fp32); float64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _log_softmax_parts(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z − max z, log Σ exp(z − max z), log softmax z) in at least fp32. Student and teacher go through
+    this same path, so identical logits give a log-ratio of exactly zero."""
+    shifted = _upcast(logits)
+    shifted = shifted - shifted.amax(-1, keepdim=True)
+    log_normalizer = shifted.logsumexp(-1, keepdim=True)
+    return shifted, log_normalizer, shifted - log_normalizer
+
+
+def _shared_vocab(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut both tensors to the shared first min(V_s, V_t) vocabulary entries along `dim` (views, no copy)."""
+    width = min(student.shape[dim], teacher.shape[dim])
+    return student.narrow(dim, 0, width), teacher.narrow(dim, 0, width)
+
+
+def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> TokenStats:
+    """Entropy (Eq. 2 numerator), reverse KL (Eq. 3) and forward KL from full logits, over the last dim.
+
+    The plain reference: the chunked functions below are tested against it. Inputs of any float dtype;
+    the softmax and sums run in fp32. Logits of different width are cut to the shared width first.
+    """
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must agree on every dim but the vocabulary")
+    student_logits, teacher_logits = _shared_vocab(student_logits, teacher_logits, dim=-1)
+    shifted, log_normalizer, log_p_s = _log_softmax_parts(student_logits)
+    log_p_t = _log_softmax_parts(teacher_logits)[2]
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    log_ratio = log_p_s - log_p_t
+    # H = log Σ exp z − Σ p z on max-shifted z: exact for a uniform row (H = ln V), and no 0 · log 0
+    return TokenStats(entropy=log_normalizer.squeeze(-1) - (p_s * shifted).sum(-1),
+                      reverse_kl=(p_s * log_ratio).sum(-1),
+                      forward_kl=-(p_t * log_ratio).sum(-1))
+
+
+def _check_rows(student_hidden, student_head, teacher_hidden, teacher_head) -> None:
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
+        raise ValueError("hidden states must be [N, d]: select the scored rows first "
+                         "(e.g. hidden[:, :-1][response_mask[:, 1:]])")
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"student has {student_hidden.shape[0]} rows but teacher has {teacher_hidden.shape[0]}: "
+                         "both must hold the same token positions")
+    for who, hidden, head in (("student", student_hidden, student_head), ("teacher", teacher_hidden, teacher_head)):
+        if head.dim() != 2 or head.shape[1] != hidden.shape[1]:
+            raise ValueError(f"{who} head {tuple(head.shape)} does not match hidden size {hidden.shape[1]}: "
+                             "pass the LM head weight [V, d] (model.get_output_embeddings().weight)")
+
+
+@torch.no_grad()
+def chunked_token_stats(student_hidden: torch.Tensor, student_head: torch.Tensor,
+                        teacher_hidden: torch.Tensor, teacher_head: torch.Tensor,
+                        chunk_size: int = 512) -> TokenStats:
+    """`token_stats` for N rows of final hidden states ([N, d_s], [N, d_t]) and LM heads ([V_s, d_s],
+    [V_t, d_t]), never holding more than `chunk_size` rows of logits. Eqs. 2–3; no grad.
+
+    Logits are computed in the input dtype (bf16 tensor cores on GPU), then everything else in fp32.
+    """
+    _check_rows(student_hidden, student_head, teacher_hidden, teacher_head)
+    student_head, teacher_head = _shared_vocab(student_head, teacher_head, dim=0)
+    pieces = [token_stats(student_hidden[i:i + chunk_size].to(student_head.dtype) @ student_head.T,
+                          teacher_hidden[i:i + chunk_size].to(teacher_head.dtype) @ teacher_head.T)
+              for i in range(0, student_hidden.shape[0], chunk_size)]
+    if not pieces:
+        empty = student_hidden.new_zeros(0, dtype=torch.float32)
+        return TokenStats(empty, empty, empty)
+    return TokenStats(*(torch.cat(column) for column in zip(*pieces)))
+
+
+def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                        divergence: str = "reverse_kl", jsd_beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence D(z) and its gradient ∂D/∂z with respect to the student logits z, in fp32.
+
+    For any D that is a function of p = softmax(z) with u = ∂D/∂p, the chain rule through the softmax gives
+    ∂D/∂z = p ⊙ (u − ⟨p, u⟩). Hence:
+      reverse_kl  KL(P_S‖P_T) (Eqs. 1/9):  u = log p_s − log p_t + 1   ⇒  ∂/∂z = p_s ⊙ (log p_s − log p_t − KL)
+      forward_kl  KL(P_T‖P_S):             ∂/∂z = p_s − p_t
+      jsd         β KL(P_T‖M) + (1−β) KL(P_S‖M), M = β P_T + (1−β) P_S (GKD; β=0 forward, β=1 reverse):
+                  u = (1−β)(log p_s − log m)  ⇒  ∂/∂z = p_s ⊙ (u − ⟨p_s, u⟩)
+    """
+    log_p_s = _log_softmax_parts(student_logits)[2]
+    log_p_t = _log_softmax_parts(teacher_logits)[2]
+    p_s = log_p_s.exp()
+    if divergence == "jsd" and jsd_beta in (0.0, 1.0):  # the endpoints are exactly the two KLs
+        divergence = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
+    if divergence == "reverse_kl":
+        log_ratio = log_p_s - log_p_t
+        value = (p_s * log_ratio).sum(-1)
+        return value, p_s * (log_ratio - value[:, None])
+    if divergence == "forward_kl":
+        p_t = log_p_t.exp()
+        return (p_t * (log_p_t - log_p_s)).sum(-1), p_s - p_t
+    if divergence == "jsd":
+        beta = jsd_beta
+        log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log1p(-beta))
+        u = (1 - beta) * (log_p_s - log_m)
+        value = beta * (log_p_t.exp() * (log_p_t - log_m)).sum(-1) + (p_s * u).sum(-1)
+        return value, p_s * (u - (p_s * u).sum(-1, keepdim=True))
+    raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Sum over rows of a divergence, with each chunk's gradient computed in forward (Liger-style).
+
+    Forward keeps only grad_hidden [N, d_s] and grad_head [V, d_s]; no [N, V] tensor outlives its chunk,
+    so memory grows with chunk × V, not with the number of tokens. Backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, chunk_size, divergence, jsd_beta):
+        want_hidden, want_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = student_head.dtype  # logits and gradient matmuls run in the head's dtype (bf16 tensor cores)
+        accumulate = dict(dtype=torch.promote_types(dtype, torch.float32), device=student_head.device)
+        total = torch.zeros((), **accumulate)
+        grad_hidden = torch.zeros(student_hidden.shape, **accumulate) if want_hidden else None
+        grad_head = torch.zeros(student_head.shape, **accumulate) if want_head else None
+        for i in range(0, student_hidden.shape[0], chunk_size):
+            rows = student_hidden[i:i + chunk_size].to(dtype)
+            value, grad_logits = divergence_and_grad(rows @ student_head.T,
+                                                     teacher_hidden[i:i + chunk_size].to(teacher_head.dtype) @ teacher_head.T,
+                                                     divergence, jsd_beta)
+            total += value.sum()
+            grad_logits = grad_logits.to(dtype)  # accumulation below stays in fp32
+            if want_hidden:
+                grad_hidden[i:i + chunk_size] = grad_logits @ student_head
+            if want_head:
+                grad_head += grad_logits.T @ rows
+        ctx.save_for_backward(grad_hidden, grad_head)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_head = ctx.saved_tensors
+        grad_hidden = None if grad_hidden is None else grad_hidden * grad_total
+        grad_head = None if grad_head is None else grad_head * grad_total
+        return grad_hidden, grad_head, None, None, None, None, None
+
+
+def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor,
+                      teacher_hidden: torch.Tensor, teacher_head: torch.Tensor,
+                      chunk_size: int = 512, reduction: str = "mean",
+                      divergence: str = "reverse_kl", jsd_beta: float = 0.5) -> torch.Tensor:
+    """Mean (or sum) over N rows of a divergence between student and teacher next-token distributions.
+
+    `divergence="reverse_kl"` is the paper's loss, KL(P_S‖P_T) (Eq. 1 over all response tokens, Eq. 9
+    over the kept set T); "forward_kl" and "jsd" (GKD's generalized JSD, `jsd_beta`) are offered because
+    users of this field switch between them. Differentiable with respect to `student_hidden` and
+    `student_head`; forward and backward hold at most `chunk_size` rows of [rows, V] tensors.
+    `reduction="sum"` lets a training loop divide by a global token count. N = 0 gives a zero loss whose
+    gradients are zeros.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    _check_rows(student_hidden, student_head, teacher_hidden, teacher_head)
+    student_head_shared, teacher_head = _shared_vocab(student_head, teacher_head, dim=0)
+    total = _ChunkedDivergence.apply(student_hidden, student_head_shared, teacher_hidden.detach(),
+                                     teacher_head.detach(), chunk_size, divergence, jsd_beta)
+    return total / max(student_hidden.shape[0], 1) if reduction == "mean" else total
+
+
+def reverse_kl_loss(student_hidden: torch.Tensor, student_head: torch.Tensor,
+                    teacher_hidden: torch.Tensor, teacher_head: torch.Tensor,
+                    chunk_size: int = 512, reduction: str = "mean") -> torch.Tensor:
+    """The paper's loss, KL(P_S ‖ P_T) averaged (or summed) over the given rows: Eq. 1, or Eq. 9 when the
+    rows are the kept set T. Chunked as `distillation_loss`; its gradient with respect to the student
+    logits is P_S ⊙ (log P_S − log P_T − KL)."""
+    return distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head,
+                             chunk_size=chunk_size, reduction=reduction, divergence="reverse_kl")
