@@ -7,9 +7,14 @@ other files share:
 - `Config`: every knob of the pipeline, each with its help text and the paper's default (§7.1, Table 9),
   and the `toy` preset that fits the built-in toy world on a 2-core CPU. Every script's CLI is generated
   from it, so a flag means the same everywhere.
+- `load_pair()`: T, S_θ and their shared tokenizer from local folders, hub ids or the built-in toy world,
+  with the checks that keep Eqs. 1–3 well defined (one tokenizer; logits = hidden @ headᵀ). `check_head`,
+  `lm_head_weight` and `final_hidden_states` give score.py what it needs without a [B, L, V] tensor.
+- `load_prompts()`: the prompts x (a hub prompt set such as DAPO-Math-17k, a local file, or the toy task),
+  chat-formatted, with the paper's math instruction, deduplicated, over-long ones dropped and counted.
 - `load_select()`: the one way project code reaches select.py (see DESIGN.md, "The name select.py").
-- torch.distributed helpers: rank, world size, init (gloo on CPU, nccl on GPU). The gather of per-token
-  scalars of uneven length lives in select.py (`gather_uneven`), which must stand alone.
+- torch.distributed helpers: rank, world size, init (gloo on CPU, nccl on GPU), unwrap. The gather of
+  per-token scalars of uneven length lives in select.py (`gather_uneven`), which must stand alone.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +43,16 @@ class Config:
     # --- the pair and the data (§7.1) ---
     teacher: str = _arg("", "teacher model: local folder or hub id; empty = the built-in toy teacher")
     student: str = _arg("", "student model: local folder or hub id; empty = the built-in toy student")
-    prompts: str = _arg("toy", "prompt source: 'toy', a hub dataset name, or a local .jsonl/.json/.parquet file")
-    prompt_split: str = _arg("train", "dataset split to read prompts from")
+    prompts: str = _arg("", "prompt source: 'toy', a hub dataset name, or a local .jsonl/.json/.parquet file "
+                        "(the toy preset uses 'toy'; a real pair needs one)")
+    prompt_split: str = _arg("train", "split of a hub prompt set to read (a local file is one split)")
+    prompt_subset: str = _arg("", "configuration (subset) of a hub prompt set, e.g. 'en' for "
+                              "open-r1/DAPO-Math-17k-Processed; empty = its default")
     prompt_field: str = _arg("", "column holding the prompt text; empty = the first of prompt/problem/question")
-    answer_field: str = _arg("", "column holding the reference answer (for rollout accuracy); empty = auto")
+    answer_field: str = _arg("", "column holding the reference answer (for rollout accuracy); empty = the "
+                             "first of answer/solution/reward_model.ground_truth; a.b reads field b of column a")
+    math_instruction: bool = _arg(True, "append the paper's instruction to reason step by step and answer in "
+                                  "\\boxed{} to dataset prompts that do not already ask for \\boxed{}")
     toy_dir: str = _arg("", "where the toy world is cached; empty = $TIP_CACHE or ~/.cache/tip")
     # --- selection (§4–6) ---
     rule: str = _arg("type_aware", "token selection rule (select.py RULES); type_aware is the paper's Soft-OR")
@@ -154,3 +166,264 @@ def init_distributed() -> torch.device:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DistributedDataParallel wrapper (nanoGPT's `raw_model`)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def log(message: str) -> None:
+    """Print once per job, on rank 0."""
+    if rank() == 0:
+        print(message, flush=True)
+
+
+# --- the pair T, S_θ (§3): one tokenizer, logits = hidden @ headᵀ ---
+
+# Config attributes that transform logits after the head (Gemma 2, Cohere, Granite, Falcon-H1). score.py
+# computes Eqs. 1–3 from hidden states and head weights alone, so such a model would be scored wrongly.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub does not answer within `timeout` seconds (asked up front:
+    without network, transformers retries each file for about 25 s)."""
+    import huggingface_hub
+    if _env_flag("HF_HUB_OFFLINE"):
+        return False
+    try:
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id "org/name": starts with . / ~, exists, has a parent that exists, or has 2+ slashes."""
+    path = Path(name).expanduser()
+    return (name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+            or (str(path.parent) != "." and path.parent.exists()))
+
+
+def _resolve_model(name: str, role: str, online: bool) -> str:
+    import huggingface_hub
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ValueError(f"{role} path {name!r} does not exist (or is not a folder)")
+    if _looks_local(name):
+        return str(Path(name).expanduser())
+    if not online and not isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        raise ValueError(f"{role} {name!r} is a hub id, but the hub is offline (HF_HUB_OFFLINE=1 or no network) and "
+                         f"it is not cached: pass a local folder (`hf download {name} --local-dir DIR` elsewhere)")
+    return name
+
+
+def _check_logit_config(config, name: str) -> None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(text_config, attr, None)
+        if value is not None and (attr == "final_logit_softcapping" or value != 1):
+            raise ValueError(f"{name}: logits are transformed after the head ({attr}={value}), but TIP scores "
+                             f"tokens from hidden @ headᵀ (Eqs. 1–3); this model family is not supported")
+
+
+def check_head(model: torch.nn.Module) -> None:
+    """Refuse a model whose logits are not exactly hidden @ Wᵀ (head bias, logit scaling, softcapping):
+    score.py computes P_S and P_T of Eqs. 1–3 from final hidden states and head weights, in chunks."""
+    model = unwrap(model)
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    _check_logit_config(model.config, name)
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{name}: TIP needs an LM head without a bias, logits = hidden @ headᵀ (Eqs. 1–3)")
+
+
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The head W [V, d], logits = hidden @ Wᵀ (see `check_head`): the P of Eqs. 1–3."""
+    return unwrap(model).get_output_embeddings().weight
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Hidden states [B, L, d] after the final norm, one per context c_t = (x, y_<t) (§3), without logits:
+    score.py multiplies chunks of them by `lm_head_weight`. Positions count real tokens, as generate does with
+    left padding. A DDP/FSDP2-wrapped model runs through its wrapper (gradient sync, parameter gathering)
+    with logits for no position, and the decoder's output is taken by a forward hook."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    inner = unwrap(model)
+    decoder = inner.get_decoder()
+    fsdp = getattr(torch.distributed, "fsdp", None)  # loaded only where something was sharded
+    if model is inner and not (hasattr(fsdp, "FSDPModule") and isinstance(model, fsdp.FSDPModule)):
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
+    captured = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=input_ids.new_zeros(0))
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def load_pair(teacher: str, student: str, device, dtype="auto", toy_dir: str | None = None):
+    """(teacher T, student S_θ, tokenizer) of §3 from local folders or hub ids; both empty = the toy pair.
+    T is frozen (eval mode, no grads); "auto" dtype is bf16 on GPU, fp32 on CPU. Paths, hub, tokenizers and
+    logit transforms are checked before any weight is read. Heads of different widths are allowed: scores
+    use the shared first min(V_s, V_t) rows (PAPER.md §6, Qwen2.5 14B → 1.5B)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if not teacher and not student:
+        import toy
+        world = Path(toy.toy_world(toy_dir or None))
+        teacher, student = str(world / "teacher"), str(world / "student")
+    elif not teacher or not student:
+        raise ValueError("pass both --teacher and --student, or neither for the built-in toy pair")
+    online = not all(map(_looks_local, (teacher, student))) and hub_reachable()
+    paths = {role: _resolve_model(name, role, online) for role, name in (("teacher", teacher), ("student", student))}
+    load = dict(local_files_only=not online)
+    tokenizer = AutoTokenizer.from_pretrained(paths["student"], **load)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(paths["teacher"], **load)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"teacher {teacher!r} and student {student!r} have different tokenizers "
+                         f"({len(teacher_tokenizer)} vs {len(tokenizer)} tokens): Eqs. 1–3 compare distributions "
+                         f"token by token; use a pair of one model family")
+    for role, path in paths.items():
+        _check_logit_config(AutoConfig.from_pretrained(path, **load), f"{role} {path!r}")
+    if dtype == "auto":
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    models = {role: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load).to(device)
+              for role, path in paths.items()}
+    for model in models.values():
+        check_head(model)
+    models["teacher"].eval().requires_grad_(False)
+    widths = [lm_head_weight(models[role]).shape[0] for role in ("teacher", "student")]
+    log(f"pair: teacher {teacher} ({widths[0]} head rows), student {student} ({widths[1]}); scores use the shared "
+        f"first {min(widths)} rows{'' if len(tokenizer) <= min(widths) else f' (warning: {len(tokenizer)} tokens)'}")
+    return models["teacher"], models["student"], tokenizer
+
+
+# --- the prompts x (§3, §7.1) ---
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# DAPO-Math-17k wraps every problem in its own answer format ("Answer: $Answer"); the paper asks for
+# \boxed{} instead, so the wrapper is removed before MATH_INSTRUCTION is appended.
+_DAPO_WRAPPER = re.compile(r"^Solve the following math problem step by step\. The last line of your response "
+                           r"should be of the form Answer: \$Answer .*? to the problem\.\s*(.*?)\s*Remember to put "
+                           r"your answer on its own line after \"Answer:\"\.\s*$", re.S)
+PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "problem", "question"), ("answer", "solution", "reward_model.ground_truth")
+
+
+def format_prompt(tokenizer, text: str) -> str:
+    """The context x that rollouts y ~ S_θ(·|x) start from (§3): a user turn and the generation prompt under
+    the tokenizer's chat template, or the bare text when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of formatted prompts x (§3); BOS is added unless the texts already start with it (chat
+    templates such as Llama 3's write it)."""
+    bos = tokenizer.bos_token
+    return tokenizer(list(texts), add_special_tokens=not (bos and all(t.startswith(bos) for t in texts)))["input_ids"]
+
+
+def _math_prompt(text: str) -> str:
+    match = _DAPO_WRAPPER.match(text)
+    text = match.group(1) if match else text
+    return text if "\\boxed" in text else f"{text}\n\n{MATH_INSTRUCTION}"
+
+
+def _user_text(value, source: str) -> str:
+    """A prompt given as text or as chat messages ([{"role": "user", "content": ...}], as in DAPO)."""
+    for message in value if isinstance(value, list) else []:
+        if isinstance(message, dict) and message.get("role") == "user":
+            return message["content"]
+    if not isinstance(value, str):
+        raise ValueError(f"{source}: a prompt is neither text nor chat messages with a user turn: {value!r:.200}")
+    return value
+
+
+def _field(dataset, name: str, read: bool = True):
+    """The values of column `name` ("a.b": field b of struct column a), or None when there is no such field."""
+    feature = dataset.features
+    for key in name.split("."):
+        if not isinstance(feature, dict) or key not in feature:
+            return None
+        feature = feature[key]
+    head, *rest = name.split(".")
+    values = list(dataset[head]) if read else []
+    for key in rest:
+        values = [value.get(key) if isinstance(value, dict) else None for value in values]
+    return values
+
+
+def _load_dataset(config):
+    import datasets
+    source, suffix = config.prompts, Path(config.prompts).suffix.lower()
+    path = Path(source).expanduser()
+    if path.is_dir():  # a dataset folder, e.g. made by `hf download ... --repo-type dataset --local-dir`
+        return datasets.load_dataset(str(path), config.prompt_subset or None, split=config.prompt_split)
+    if suffix in (".jsonl", ".json", ".parquet") or _looks_local(source):
+        if not path.is_file() or suffix not in (".jsonl", ".json", ".parquet"):
+            raise ValueError(f"prompt file {source!r} does not exist or is not a dataset folder or a .jsonl, "
+                             f".json or .parquet file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"prompt file {source!r} is empty")
+        try:  # a local file is one split, whatever --prompt-split says
+            builder = "parquet" if suffix == ".parquet" else "json"
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:
+            raise ValueError(f"prompt file {source!r} could not be read: {type(error).__name__}: {error}") from error
+    offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE")
+    hint = (f"pass a local dataset folder or .jsonl/.json/.parquet file (`hf download {source} --repo-type dataset "
+            f"--local-dir DIR` where there is network)")
+    if not offline and not hub_reachable():
+        raise ValueError(f"the hub is unreachable for prompt set {source!r}: {hint}, or set HF_DATASETS_OFFLINE=1")
+    try:
+        return datasets.load_dataset(source, config.prompt_subset or None, split=config.prompt_split)
+    except Exception as error:
+        if offline:
+            raise ValueError(f"prompt set {source!r} is not cached and the hub is offline: {hint}") from error
+        raise
+
+
+def load_prompts(config: Config, tokenizer) -> list[dict]:
+    """The prompts x of §3, [{"prompt": formatted text, "answer": str | None}], deduplicated (§7.1), from
+    "toy" (the toy train split, bare problems as the toy models learned them), a local .jsonl/.json/.parquet
+    file or a hub prompt set. Dataset prompts get MATH_INSTRUCTION unless they already ask for \\boxed{} or
+    --no-math-instruction is given. Prompts over `config.max_prompt_len` tokens are dropped and counted."""
+    source = config.prompts
+    if source == "toy":
+        import toy
+        rows = [(p["problem"], p["answer"]) for p in toy.toy_problems("train", config.toy_dir or None)]
+    else:
+        dataset, fields = _load_dataset(config), {}
+        columns = f"columns: {', '.join(dataset.column_names)}"
+        for role, given, candidates in (("prompt", config.prompt_field, PROMPT_FIELDS),
+                                        ("answer", config.answer_field, ANSWER_FIELDS)):
+            if given and _field(dataset, given, read=False) is None:
+                raise ValueError(f"{source}: no {role} field {given!r} ({columns})")
+            fields[role] = given or next((f for f in candidates if _field(dataset, f, read=False) is not None), None)
+        if fields["prompt"] is None:
+            raise ValueError(f"{source}: no {'/'.join(PROMPT_FIELDS)} column ({columns}); name one with --prompt-field")
+        texts = [_user_text(value, source) for value in _field(dataset, fields["prompt"])]
+        texts = [_math_prompt(text) for text in texts] if config.math_instruction else texts
+        rows = list(zip(texts, _field(dataset, fields["answer"]) if fields["answer"] else [None] * len(texts)))
+    unique = {}
+    for text, answer in rows:  # DAPO-Math-17k repeats each problem; the paper deduplicates (§7.1)
+        unique.setdefault(text, answer)
+    texts = [format_prompt(tokenizer, text) for text in unique]
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, texts)] if texts else []
+    prompts = [{"prompt": text, "answer": None if answer is None else str(answer)}
+               for text, answer, length in zip(texts, unique.values(), lengths) if length <= config.max_prompt_len]
+    dropped = len(unique) - len(prompts)
+    log(f"prompts: {len(prompts)} from {source} ({len(rows) - len(unique)} duplicates and {dropped} longer than "
+        f"{config.max_prompt_len} tokens dropped)")
+    if not prompts:
+        raise ValueError(f"no prompts left from {source!r}: {len(rows)} read, {dropped} over --max-prompt-len")
+    return prompts

@@ -1,0 +1,234 @@
+"""tip.py: loading the pair T, S_θ and the prompts x of §3, with the checks that keep Eqs. 1–3 well defined."""
+import copy
+import json
+import sys
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import tip
+from conftest import CHARS, char_tokenizer
+
+
+
+
+def tiny_config(vocab_size, hidden_size, **extra):
+    return Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       max_position_embeddings=128, tie_word_embeddings=False, **extra)
+
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    """teacher (head 96 rows) and student (head 88 rows) with one tokenizer; two folders without weights
+    (a different tokenizer; softcapped logits), so their errors can only come before any weight is read."""
+    root = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(0)
+    for name, vocab_size, hidden in (("teacher", 96, 48), ("student", 88, 32)):
+        Qwen3ForCausalLM(tiny_config(vocab_size, hidden)).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    tiny_config(96, 48).save_pretrained(root / "other_tokenizer")
+    char_tokenizer(CHARS[::-1]).save_pretrained(root / "other_tokenizer")  # same tokens, other ids
+    tiny_config(96, 48, final_logit_softcapping=30.0).save_pretrained(root / "softcapped")
+    tokenizer.save_pretrained(root / "softcapped")
+    return root
+
+
+def test_load_pair_from_local_folders(folders, tokenizer, capsys):
+    teacher, student, loaded = tip.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    assert teacher.dtype == student.dtype == torch.float32  # "auto" on CPU
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert tip.lm_head_weight(teacher).shape == (96, 48) and tip.lm_head_weight(student).shape == (88, 32)
+    assert "shared first 88 rows" in capsys.readouterr().out  # different head widths: allowed and noted
+    teacher, _, _ = tip.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu", dtype="bfloat16")
+    assert teacher.dtype == torch.bfloat16
+
+
+def test_different_tokenizers_are_refused_naming_both(folders):
+    teacher, student = str(folders / "other_tokenizer"), str(folders / "student")
+    with pytest.raises(ValueError, match="different tokenizers") as error:
+        tip.load_pair(teacher, student, "cpu")
+    assert teacher in str(error.value) and student in str(error.value)
+
+
+def test_missing_path_says_which(folders):
+    with pytest.raises(ValueError, match=r"student path './no/such/model' does not exist"):
+        tip.load_pair(str(folders / "teacher"), "./no/such/model", "cpu")
+    with pytest.raises(ValueError, match="teacher path"):
+        tip.load_pair(str(folders / "nothing_here"), str(folders / "student"), "cpu")
+    with pytest.raises(ValueError, match="both --teacher and --student"):
+        tip.load_pair("", str(folders / "student"), "cpu")
+
+
+def test_hub_id_offline_or_without_network_asks_for_a_local_path(folders, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="pass a local folder"):
+        tip.load_pair("tip-tests-nobody/no-such-model", str(folders / "student"), "cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(tip, "hub_reachable", lambda timeout=3.0: False)  # no network, offline flag unset
+    with pytest.raises(ValueError, match="pass a local folder"):
+        tip.load_pair(str(folders / "teacher"), "tip-tests-nobody/no-such-model", "cpu")
+
+
+def test_logit_transforms_and_head_bias_are_refused(folders):
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        tip.load_pair(str(folders / "softcapped"), str(folders / "student"), "cpu")
+    model = Qwen3ForCausalLM(tiny_config(64, 32))
+    tip.check_head(model)  # a plain head passes
+    biased = copy.deepcopy(model)
+    biased.lm_head = torch.nn.Linear(32, 64, bias=True)
+    with pytest.raises(ValueError, match="bias"):
+        tip.check_head(biased)
+    model.config.logit_scale = 0.0625  # Cohere-style scaling
+    with pytest.raises(ValueError, match="logit_scale"):
+        tip.check_head(model)
+
+
+def test_final_hidden_states_give_the_logits_without_computing_them(tmp_path):
+    torch.manual_seed(1)
+    model = Qwen3ForCausalLM(tiny_config(64, 32)).double()
+    ids = torch.randint(3, 64, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding after an ended response
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_calls.append(args[0].shape[1]))
+    hidden = tip.final_hidden_states(model, ids, mask)
+    assert head_calls == []  # no logits were built
+    logits = hidden @ tip.lm_head_weight(model).T
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    reference = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    assert torch.allclose(logits[mask.bool()], reference[mask.bool()], atol=1e-10)
+    # a left-padded row scores exactly as the same tokens without padding (positions count real tokens)
+    alone = model(input_ids=ids[1:2, 4:]).logits[0]
+    assert torch.allclose(logits[1, 4:], alone, atol=1e-10)
+    # through a DDP wrapper: same states, the head runs on zero positions, gradients reach the decoder
+    head_calls.clear()
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped_hidden = tip.final_hidden_states(wrapped, ids, mask)
+        wrapped_hidden[mask.bool()].sum().backward()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    assert head_calls == [0]
+    assert torch.allclose(wrapped_hidden[mask.bool()], hidden[mask.bool()], atol=1e-12)
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_format_prompt(tokenizer):
+    assert tip.format_prompt(tokenizer, "1+2") == "<|im_start|>user\n1+2<|im_end|>\n<|im_start|>assistant\n"
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    assert tip.format_prompt(plain, "1+2") == "1+2"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_load_prompts_from_jsonl(tmp_path, tokenizer, capsys):
+    long_problem = "9" * 200
+    rows = [{"problem": "1+2", "answer": 3}, {"problem": "4*5", "answer": "20"}, {"problem": "1+2", "answer": 3},
+            {"problem": long_problem, "answer": "0"}, {"problem": "x\\boxed{}?", "answer": None}]
+    formatted = tip.format_prompt(tokenizer, f"4*5\n\n{tip.MATH_INSTRUCTION}")
+    limit = len(tokenizer(formatted, add_special_tokens=False).input_ids)  # the longest that is kept
+    config = tip.Config(prompts=write_jsonl(tmp_path / "p.jsonl", rows), max_prompt_len=limit)
+    prompts = tip.load_prompts(config, tokenizer)
+    assert prompts == [
+        {"prompt": tip.format_prompt(tokenizer, f"1+2\n\n{tip.MATH_INSTRUCTION}"), "answer": "3"},
+        {"prompt": formatted, "answer": "20"},
+        {"prompt": tip.format_prompt(tokenizer, "x\\boxed{}?"), "answer": None},  # already asks for a box
+    ]
+    assert "1 duplicates and 1 longer than" in capsys.readouterr().out
+    bare = tip.load_prompts(tip.Config(prompts=config.prompts, math_instruction=False), tokenizer)
+    assert bare[0]["prompt"] == tip.format_prompt(tokenizer, "1+2")
+
+
+def test_load_prompts_chat_messages_nested_answer_and_fields(tmp_path, tokenizer):
+    dapo = ("Solve the following math problem step by step. The last line of your response should be of the form "
+            "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\nWhat is 2+2?\n\n"
+            "Remember to put your answer on its own line after \"Answer:\".")
+    rows = [{"prompt": [{"role": "user", "content": dapo}], "question": "QQ",
+             "reward_model": {"ground_truth": "4", "style": "rule"}}]
+    path = write_jsonl(tmp_path / "dapo.jsonl", rows)
+    prompts = tip.load_prompts(tip.Config(prompts=path), tokenizer)
+    # DAPO's own answer format is replaced by the paper's \boxed{} instruction
+    assert prompts == [{"prompt": tip.format_prompt(tokenizer, f"What is 2+2?\n\n{tip.MATH_INSTRUCTION}"),
+                        "answer": "4"}]
+    chosen = tip.load_prompts(tip.Config(prompts=path, prompt_field="question", math_instruction=False), tokenizer)
+    assert chosen[0]["prompt"] == tip.format_prompt(tokenizer, "QQ")
+    with pytest.raises(ValueError, match=r"no answer field 'nope' \(columns: prompt, question, reward_model\)"):
+        tip.load_prompts(tip.Config(prompts=path, answer_field="nope"), tokenizer)
+    path = write_jsonl(tmp_path / "other.jsonl", [{"text": "1+1"}])
+    with pytest.raises(ValueError, match="--prompt-field"):
+        tip.load_prompts(tip.Config(prompts=path), tokenizer)
+    assert tip.load_prompts(tip.Config(prompts=path, prompt_field="text"), tokenizer)[0]["answer"] is None
+
+
+def test_load_prompts_parquet_file_and_dataset_folder(tmp_path, tokenizer):
+    import datasets
+    (tmp_path / "set" / "data").mkdir(parents=True)
+    path = str(tmp_path / "set" / "data" / "train-00000-of-00001.parquet")  # the layout of a hub download
+    datasets.Dataset.from_dict({"question": ["5-3"], "solution": ["2"]}).to_parquet(path)
+    expected = [{"prompt": tip.format_prompt(tokenizer, f"5-3\n\n{tip.MATH_INSTRUCTION}"), "answer": "2"}]
+    assert tip.load_prompts(tip.Config(prompts=path), tokenizer) == expected
+    assert tip.load_prompts(tip.Config(prompts=str(tmp_path / "set")), tokenizer) == expected
+
+
+def test_load_prompts_errors_name_the_source(tmp_path, tokenizer, monkeypatch):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl' is empty"):
+        tip.load_prompts(tip.Config(prompts=str(empty)), tokenizer)
+    path = write_jsonl(tmp_path / "long.jsonl", [{"problem": "1" * 50}])
+    with pytest.raises(ValueError, match="no prompts left from .*long.jsonl"):
+        tip.load_prompts(tip.Config(prompts=path, max_prompt_len=10), tokenizer)
+    with pytest.raises(ValueError, match="does not exist"):
+        tip.load_prompts(tip.Config(prompts=str(tmp_path / "missing.jsonl")), tokenizer)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="is not cached and the hub is offline: pass a local dataset folder"):
+        tip.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(tip, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ValueError, match="unreachable"):
+        tip.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
+
+
+def test_empty_names_mean_the_toy_world(folders, tokenizer, monkeypatch, tmp_path):
+    calls = []
+    toy = types.ModuleType("toy")
+    toy.toy_world = lambda cache_dir=None: calls.append(("world", cache_dir)) or folders
+    toy.toy_problems = lambda split, cache_dir=None: calls.append((split, cache_dir)) or [
+        {"problem": "1+2", "answer": "3"}]
+    monkeypatch.setitem(sys.modules, "toy", toy)
+    teacher, student, _ = tip.load_pair("", "", "cpu", toy_dir=str(tmp_path))
+    assert tip.lm_head_weight(teacher).shape == (96, 48) and tip.lm_head_weight(student).shape == (88, 32)
+    prompts = tip.load_prompts(tip.Config(prompts="toy", toy_dir=str(tmp_path)), tokenizer)
+    assert prompts == [{"prompt": tip.format_prompt(tokenizer, "1+2"), "answer": "3"}]  # bare, as trained
+    assert calls == [("world", str(tmp_path)), ("train", str(tmp_path))]
+
+
+def test_prompt_flags_on_the_command_line():
+    args = tip.build_parser().parse_args(["--prompts", "open-r1/DAPO-Math-17k-Processed", "--prompt-subset", "en",
+                                          "--prompt-field", "prompt", "--answer-field", "solution",
+                                          "--no-math-instruction"])
+    config = tip.config_from_args(args)
+    assert (config.prompts, config.prompt_subset, config.prompt_field, config.answer_field,
+            config.math_instruction) == ("open-r1/DAPO-Math-17k-Processed", "en", "prompt", "solution", False)
