@@ -282,34 +282,45 @@ def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Conf
     return total / max(1, len(problems) * config.eval_samples)
 
 
-def main() -> None:
+def parse_config(argv: list[str] | None = None) -> tip.Config:
+    """The config from the command line, every check that needs no model done before anything loads."""
     sel = tip.load_select()
     rules = ", ".join(f"{name} (ρ={rule.default_ratio})" for name, rule in sel.RULES.items())
     parser = tip.build_parser(__doc__.split("\n\n")[0] + f"\nRules and their default kept ratio: {rules}.")
-    config = tip.config_from_args(parser.parse_args())
+    config = tip.config_from_args(parser.parse_args(argv))
     if config.rule not in sel.RULES:
         parser.error(f"unknown --rule {config.rule!r}; valid rules: {', '.join(sel.RULES)}")
     if config.ratio and not 0 < config.ratio <= 1:
         parser.error(f"--ratio {config.ratio} is outside (0, 1]")
+    if not config.prompts:
+        parser.error("--prompts is required with --teacher/--student (a hub dataset or a local file)")
+    if config.resume and not config.run_name:
+        parser.error("--resume needs --run-name: the run folder to continue")
+    if config.resume and newest_checkpoint(Path(config.out_dir) / config.run_name) is None:
+        parser.error(f"--resume: no complete checkpoint in {Path(config.out_dir) / config.run_name}")
+    if config.fsdp and "RANK" not in os.environ:
+        parser.error("--fsdp shards over processes: launch with torchrun")
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
     device = tip.init_distributed()
     master = tip.rank() == 0
     torch.manual_seed(config.seed)  # the same on every rank: initialisation must agree
-
     run_dir = Path(config.out_dir) / (config.run_name or f"{config.rule}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if config.resume and not config.run_name:
-        parser.error("--resume needs --run-name: the run folder to continue")
+
     teacher, student, tokenizer = tip.load_pair(config.teacher, config.student, device, config.dtype,
                                                 toy_dir=config.toy_dir or None)
     student.float()  # fp32 master weights: a 1e-6 AdamW update vanishes in bf16; compute is bf16 autocast
     prompts = tip.load_prompts(config, tokenizer)
-    if not config.prompts:
-        parser.error("--prompts is required with --teacher/--student (a hub dataset or a local file)")
     eval_problems = held_out_problems(config, tokenizer)
-    if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has only the old name
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.fsdp:
-        if not tip.is_distributed():
-            parser.error("--fsdp needs torchrun (a process group)")
         shard_with_fsdp(student)
         shard_with_fsdp(teacher)
     elif tip.is_distributed():
@@ -318,80 +329,71 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
                                   foreach=not config.fsdp)
-
-    start_step = 0
-    if config.resume:
-        checkpoint = newest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SystemExit(f"--resume: no complete checkpoint in {run_dir}")
-        start_step = resume_from(checkpoint, student, optimizer)
+    start_step = resume_from(newest_checkpoint(run_dir), student, optimizer) if config.resume else 0
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         metrics_path = run_dir / "metrics.jsonl"
-        if config.resume and metrics_path.exists():  # drop lines of steps after the checkpoint
+        if metrics_path.exists():  # a resumed run rewrites the steps after its checkpoint
             lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start_step]
             metrics_path.write_text("".join(l + "\n" for l in lines))
-        print(f"run folder {run_dir}; {len(prompts)} prompts; rule {config.rule} "
-              f"(ρ = {config.ratio or sel.RULES[config.rule].default_ratio}); {tip.world_size()} process(es)")
+        rho = config.ratio or tip.load_select().RULES[config.rule].default_ratio
+        print(f"run folder {run_dir}; {len(prompts)} prompts; rule {config.rule} (ρ = {rho}); "
+              f"{tip.world_size()} process(es)")
 
-    stop = {"requested": False}
-    def request_stop(signum, frame):  # finish the step, save, exit cleanly
-        stop["requested"] = True
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    if eval_problems and start_step == 0:
-        before = held_out_accuracy(student, tokenizer, eval_problems, config, seed=config.seed + 10**6)
-        if master:
-            print(f"held-out accuracy before training: {before:.1%} ({len(eval_problems)} problems)")
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master)
-    for step in bar:
-        t0 = time.time()
-        batch_ids = step_prompts(step, len(prompts), config)
-        share = len(batch_ids) / tip.world_size()  # contiguous, possibly uneven, shares per rank
-        mine = batch_ids[round(tip.rank() * share):round((tip.rank() + 1) * share)]
-        rollouts = generate_rollouts(student, tokenizer, [prompts[i]["prompt"] for i in mine],
-                                     config.rollouts_per_prompt, config.max_response_len, config.temperature,
-                                     config.top_p, seed=config.seed * 1_000_003 + step * tip.world_size() + tip.rank())
-        generator = torch.Generator().manual_seed(config.seed * 7919 + step * tip.world_size() + tip.rank())
-        metrics = train_step(student, teacher, rollouts, optimizer, config, step, generator)
-        rewards = [is_correct_or_none(text, prompts[mine[int(i)]]["answer"])
-                   for text, i in zip(rollouts.texts, rollouts.prompt_index)]
-        scored = [r for r in rewards if r is not None]
-        reward_sum, reward_count = all_reduce_sum([sum(scored), len(scored)], device)
-        elapsed = time.time() - t0
-        if eval_problems and config.eval_every and (step + 1) % config.eval_every == 0:
-            metrics["held_out_accuracy"] = held_out_accuracy(student, tokenizer, eval_problems, config,
-                                                             seed=config.seed + 10**6)
-        record = dict(step=step + 1, **metrics,
-                      reward=reward_sum / reward_count if reward_count else None,
-                      tokens_per_second=metrics["response_tokens"] / elapsed, seconds=elapsed,
-                      peak_memory_gb=peak_memory_gb(device))
-        if master:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", kept=f"{metrics['kept_fraction']:.2f}",
-                            reward=f"{record['reward'] or 0:.2f}")
-            if metrics["skipped"]:
-                bar.write(f"step {step + 1} skipped: {metrics['skipped']}")
-        stop_now = all_reduce_sum([float(stop["requested"])], device)[0] > 0
-        if (config.save_every and (step + 1) % config.save_every == 0) or stop_now:
-            save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer)
-        if stop_now:
+    stop = []  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit cleanly
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if eval_problems and start_step == 0:
+            before = held_out_accuracy(student, tokenizer, eval_problems, config, seed=config.seed + 10**6)
+            tip.log(f"held-out accuracy before training: {before:.1%} ({len(eval_problems)} problems)")
+        for step in tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master):
+            record = run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device)
             if master:
-                print(f"stopped at step {step + 1}; continue with --resume --run-name {run_dir.name}")
-            return
-    save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer)
-    save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer, final=True)
-    if eval_problems:
-        after = held_out_accuracy(student, tokenizer, eval_problems, config, seed=config.seed + 10**6)
-        if master:
-            print(f"held-out accuracy after training: {after:.1%} ({len(eval_problems)} problems)")
-    if master:
-        print(f"saved the student to {run_dir / 'final'}")
-    if tip.is_distributed():
-        dist.destroy_process_group()
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if record["skipped"]:
+                    tqdm.write(f"step {step + 1} skipped: {record['skipped']}")
+            stop_now = all_reduce_sum([float(bool(stop))], device)[0] > 0  # every rank stops at the same step
+            if stop_now or (config.save_every and (step + 1) % config.save_every == 0):
+                save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer)
+            if stop_now:
+                tip.log(f"stopped after step {step + 1}; continue with --resume --run-name {run_dir.name}")
+                return
+        save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer)
+        save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer, final=True)
+        if eval_problems:
+            after = held_out_accuracy(student, tokenizer, eval_problems, config, seed=config.seed + 10**6)
+            tip.log(f"held-out accuracy after training: {after:.1%} ({len(eval_problems)} problems)")
+        tip.log(f"saved the student to {run_dir / 'final'}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if tip.is_distributed():
+            dist.destroy_process_group()
+
+
+def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device) -> dict:
+    """Rollouts for this rank's share of the step's prompts, then `train_step`; the metrics line."""
+    t0 = time.time()
+    batch_ids = step_prompts(step, len(prompts), config)
+    share = len(batch_ids) / tip.world_size()  # contiguous, possibly uneven, shares per rank
+    mine = [prompts[i] for i in batch_ids[round(tip.rank() * share):round((tip.rank() + 1) * share)]]
+    seed = config.seed * 1_000_003 + step * tip.world_size() + tip.rank()  # ranks sample differently
+    rollouts = generate_rollouts(student, tokenizer, [p["prompt"] for p in mine], config.rollouts_per_prompt,
+                                 config.max_response_len, config.temperature, config.top_p, seed=seed)
+    metrics = train_step(student, teacher, rollouts, optimizer, config, step, torch.Generator().manual_seed(seed))
+    scored = [is_correct_or_none(text, mine[int(i)]["answer"]) for text, i in zip(rollouts.texts, rollouts.prompt_index)]
+    scored = [r for r in scored if r is not None]
+    reward_sum, reward_count = all_reduce_sum([sum(scored), len(scored)], device)
+    elapsed = time.time() - t0
+    record = dict(step=step + 1, **metrics, reward=reward_sum / reward_count if reward_count else None,
+                  tokens_per_second=metrics["response_tokens"] / elapsed, seconds=elapsed,
+                  peak_memory_gb=peak_memory_gb(device))
+    if eval_problems and config.eval_every and (step + 1) % config.eval_every == 0:
+        record["held_out_accuracy"] = held_out_accuracy(student, tokenizer, eval_problems, config,
+                                                        seed=config.seed + 10**6)
+    return record
 
 
 def is_correct_or_none(text: str, answer: str | None) -> float | None:

@@ -13,7 +13,7 @@ import torch
 import tip
 import train
 from conftest import ROOT, tiny_causal_lm
-from train_worker import config, make_batch, make_pair, one_step
+from train_worker import config, make_batch, make_pair, one_step, tokenizer
 
 def gradients(student):
     return {name: p.grad.clone() for name, p in student.named_parameters()}
@@ -133,3 +133,83 @@ def test_two_ranks_match_one_process(tmp_path, mode):
         if mode == "ddp":  # FSDP2's full state dict is gathered on rank 0 only
             assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
         torch.testing.assert_close(ranks[0][name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def pair_and_prompts(tmp_path_factory):
+    """A tiny saved pair (shared tokenizer) and a local prompt file with answers, as a user would pass them."""
+    folder = tmp_path_factory.mktemp("run_inputs")
+    teacher, student = make_pair()
+    for role, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(folder / role)
+        tokenizer().save_pretrained(folder / role)
+    rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def cli(folder, out_dir, run_name, *extra):
+    return ["--teacher", str(folder / "teacher"), "--student", str(folder / "student"),
+            "--prompts", str(folder / "prompts.jsonl"), "--no-math-instruction", "--steps", "4",
+            "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-response-len", "6",
+            "--micro-batch-size", "3", "--lr", "1e-3", "--chunk-size", "4", "--seed", "3",
+            "--out-dir", str(out_dir), "--run-name", run_name, *extra]
+
+
+def comparable(metrics_path):
+    """metrics.jsonl without the fields that measure wall time."""
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in ("seconds", "tokens_per_second", "peak_memory_gb")}
+            for line in lines]
+
+
+def test_resume_after_sigterm_matches_an_uninterrupted_run(pair_and_prompts, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    train.main(cli(pair_and_prompts, tmp_path, "straight"))
+    real_step = train.train_step
+
+    def terminated_during_step_2(*args, **kwargs):
+        if args[5] == 1:  # the 0-based step: SIGTERM arrives while step 2 runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", terminated_during_step_2)
+    train.main(cli(pair_and_prompts, tmp_path, "killed"))
+    killed = tmp_path / "killed"
+    assert [p.name for p in sorted(killed.glob("checkpoint-*"))] == ["checkpoint-000002"]
+    assert not (killed / "final").exists() and len(comparable(killed / "metrics.jsonl")) == 2
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(cli(pair_and_prompts, tmp_path, "killed", "--resume"))
+
+    straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    resumed = load_file(killed / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert comparable(killed / "metrics.jsonl") == comparable(tmp_path / "straight" / "metrics.jsonl")
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_metrics_lines_carry_the_realized_selection(pair_and_prompts, tmp_path):
+    train.main(cli(pair_and_prompts, tmp_path, "q3", "--rule", "q3", "--steps", "1"))
+    line, = comparable(tmp_path / "q3" / "metrics.jsonl")
+    assert line["kept_tokens"] < line["response_tokens"]
+    assert line["kept_fraction"] == pytest.approx(line["kept_tokens"] / line["response_tokens"])
+    assert sum(line[f"q{q}_share"] for q in range(1, 5)) == pytest.approx(1)
+    assert sum(line[f"q{q}_share_kept"] for q in range(1, 5)) == pytest.approx(1)
+    assert 0 <= line["reward"] <= 1 and line["lr"] > 0 and not line["skipped"]
+    config = json.loads((tmp_path / "q3" / "config.json").read_text())
+    assert config["rule"] == "q3" and config["steps"] == 1
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "q3" / "final").config.hidden_size == 32
+
+
+def test_bad_flags_fail_before_any_model_loads(tmp_path, capsys):
+    for argv, message in ((["--rule", "nope"], "valid rules"), (["--ratio", "1.5"], "outside (0, 1]"),
+                          (["--teacher", "t", "--student", "s"], "--prompts is required"),
+                          (["--resume"], "needs --run-name"),
+                          (["--resume", "--run-name", "x", "--out-dir", str(tmp_path)], "no complete checkpoint")):
+        with pytest.raises(SystemExit):
+            train.parse_config(argv)
+        assert message in capsys.readouterr().err
