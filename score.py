@@ -44,18 +44,17 @@ def normalized_entropy(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return entropy / math.log(vocab_size)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp32 for bf16/fp16/fp32 inputs (the softmax and KL always run at least in fp32); float64 stays."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _owned_float(x: torch.Tensor, copy: bool) -> torch.Tensor:
+    """x in at least fp32 (float64 stays), as a buffer the caller may overwrite: bf16/fp16 always become a
+    new fp32 tensor; an fp32 input is copied only when `copy` (it belongs to someone else)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.to(dtype, copy=copy)
 
 
-def _log_softmax_parts(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z − max z, log Σ exp(z − max z), log softmax z) in at least fp32. Student and teacher go through
-    this same path, so identical logits give a log-ratio of exactly zero."""
-    shifted = _upcast(logits)
-    shifted = shifted - shifted.amax(-1, keepdim=True)
-    log_normalizer = shifted.logsumexp(-1, keepdim=True)
-    return shifted, log_normalizer, shifted - log_normalizer
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax over the vocabulary, in place: no second [rows, V] buffer, and on a CPU a fresh buffer
+    costs more in page faults than the kernel itself."""
+    return torch.log_softmax(logits, dim=-1, out=logits)
 
 
 def _shared_vocab(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,20 +67,32 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> T
     """Entropy (Eq. 2 numerator), reverse KL (Eq. 3) and forward KL from full logits, over the last dim.
 
     The plain reference: the chunked functions below are tested against it. Inputs of any float dtype;
-    the softmax and sums run in fp32. Logits of different width are cut to the shared width first.
+    the softmax and sums run in fp32 (float64 stays float64). Logits of different width are cut to the
+    shared width first. Identical logits give divergences of exactly zero.
     """
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must agree on every dim but the vocabulary")
     student_logits, teacher_logits = _shared_vocab(student_logits, teacher_logits, dim=-1)
-    shifted, log_normalizer, log_p_s = _log_softmax_parts(student_logits)
-    log_p_t = _log_softmax_parts(teacher_logits)[2]
-    p_s, p_t = log_p_s.exp(), log_p_t.exp()
-    log_ratio = log_p_s - log_p_t
-    # H = log Σ exp z − Σ p z on max-shifted z: exact for a uniform row (H = ln V), and no 0 · log 0
-    return TokenStats(entropy=log_normalizer.squeeze(-1) - (p_s * shifted).sum(-1),
-                      reverse_kl=(p_s * log_ratio).sum(-1),
-                      forward_kl=-(p_t * log_ratio).sum(-1))
+    shape = student_logits.shape[:-1]
+    rows = lambda x: _owned_float(x, copy=True).reshape(-1, x.shape[-1])  # noqa: E731
+    return TokenStats(*(value.view(shape) for value in _token_stats_(rows(student_logits), rows(teacher_logits))))
+
+
+def _token_stats_(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> TokenStats:
+    """`token_stats` on [rows, V] fp32 buffers it overwrites, with three [rows, V] tensors at most.
+
+    Each Σ_v is a product written into a buffer that is no longer needed, then `.sum` (pairwise summation:
+    a dot product by matmul accumulates sequentially and is off by ~1e-2 nats at V = 151,936).
+    """
+    log_p_s, log_p_t = _log_softmax_(student_logits), _log_softmax_(teacher_logits)
+    spare = log_p_t.exp()  # P_T
+    neg_log_ratio = log_p_t.sub_(log_p_s)  # log P_T − log P_S, in the teacher's buffer
+    forward_kl = spare.mul_(neg_log_ratio).sum(-1)
+    p_s = torch.exp(log_p_s, out=spare)
+    entropy = -log_p_s.mul_(p_s).sum(-1)
+    reverse_kl = -neg_log_ratio.mul_(p_s).sum(-1)
+    return TokenStats(entropy, reverse_kl, forward_kl)
 
 
 def _check_rows(student_hidden, student_head, teacher_hidden, teacher_head) -> None:
@@ -97,6 +108,11 @@ def _check_rows(student_hidden, student_head, teacher_hidden, teacher_head) -> N
                              "pass the LM head weight [V, d] (model.get_output_embeddings().weight)")
 
 
+def _chunk_logits(hidden: torch.Tensor, head: torch.Tensor, start: int, chunk_size: int) -> torch.Tensor:
+    """Logits of rows start:start+chunk_size in the head's dtype, returned as an fp32 buffer to overwrite."""
+    return _owned_float(hidden[start:start + chunk_size].to(head.dtype) @ head.T, copy=False)
+
+
 @torch.no_grad()
 def chunked_token_stats(student_hidden: torch.Tensor, student_head: torch.Tensor,
                         teacher_hidden: torch.Tensor, teacher_head: torch.Tensor,
@@ -104,12 +120,12 @@ def chunked_token_stats(student_hidden: torch.Tensor, student_head: torch.Tensor
     """`token_stats` for N rows of final hidden states ([N, d_s], [N, d_t]) and LM heads ([V_s, d_s],
     [V_t, d_t]), never holding more than `chunk_size` rows of logits. Eqs. 2–3; no grad.
 
-    Logits are computed in the input dtype (bf16 tensor cores on GPU), then everything else in fp32.
+    Logits are computed in the heads' dtype (bf16 tensor cores on GPU), then everything else in fp32.
     """
     _check_rows(student_hidden, student_head, teacher_hidden, teacher_head)
     student_head, teacher_head = _shared_vocab(student_head, teacher_head, dim=0)
-    pieces = [token_stats(student_hidden[i:i + chunk_size].to(student_head.dtype) @ student_head.T,
-                          teacher_hidden[i:i + chunk_size].to(teacher_head.dtype) @ teacher_head.T)
+    pieces = [_token_stats_(_chunk_logits(student_hidden, student_head, i, chunk_size),
+                            _chunk_logits(teacher_hidden, teacher_head, i, chunk_size))
               for i in range(0, student_hidden.shape[0], chunk_size)]
     if not pieces:
         empty = student_hidden.new_zeros(0, dtype=torch.float32)
@@ -119,7 +135,7 @@ def chunked_token_stats(student_hidden: torch.Tensor, student_head: torch.Tensor
 
 def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                         divergence: str = "reverse_kl", jsd_beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row divergence D(z) and its gradient ∂D/∂z with respect to the student logits z, in fp32.
+    """Per-row divergence D(z) and its gradient ∂D/∂z with respect to the student logits z ([rows, V]), in fp32.
 
     For any D that is a function of p = softmax(z) with u = ∂D/∂p, the chain rule through the softmax gives
     ∂D/∂z = p ⊙ (u − ⟨p, u⟩). Hence:
@@ -128,61 +144,84 @@ def divergence_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tens
       jsd         β KL(P_T‖M) + (1−β) KL(P_S‖M), M = β P_T + (1−β) P_S (GKD; β=0 forward, β=1 reverse):
                   u = (1−β)(log p_s − log m)  ⇒  ∂/∂z = p_s ⊙ (u − ⟨p_s, u⟩)
     """
-    log_p_s = _log_softmax_parts(student_logits)[2]
-    log_p_t = _log_softmax_parts(teacher_logits)[2]
-    p_s = log_p_s.exp()
+    return _divergence_and_grad_(_owned_float(student_logits, copy=True), _owned_float(teacher_logits, copy=True),
+                                 divergence, jsd_beta)
+
+
+def _divergence_and_grad_(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str,
+                          jsd_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`divergence_and_grad` on fp32 buffers it overwrites: two [rows, V] tensors live for reverse KL,
+    three for forward KL; JSD is written plainly."""
     if divergence == "jsd" and jsd_beta in (0.0, 1.0):  # the endpoints are exactly the two KLs
         divergence = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
+    log_p_s, log_p_t = _log_softmax_(student_logits), _log_softmax_(teacher_logits)
     if divergence == "reverse_kl":
-        log_ratio = log_p_s - log_p_t
-        value = (p_s * log_ratio).sum(-1)
-        return value, p_s * (log_ratio - value[:, None])
+        log_ratio = torch.sub(log_p_s, log_p_t, out=log_p_t)
+        p_s = log_p_s.exp_()
+        value = log_ratio.mul_(p_s).sum(-1)  # the buffer now holds p_s ⊙ log_ratio
+        return value, log_ratio.addcmul_(p_s, -value[:, None])  # p_s ⊙ (log_ratio − KL)
     if divergence == "forward_kl":
         p_t = log_p_t.exp()
-        return (p_t * (log_p_t - log_p_s)).sum(-1), p_s - p_t
+        value = log_p_t.sub_(log_p_s).mul_(p_t).sum(-1)
+        return value, log_p_s.exp_().sub_(p_t)
     if divergence == "jsd":
         beta = jsd_beta
         log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log1p(-beta))
+        teacher_part = beta * (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
         u = (1 - beta) * (log_p_s - log_m)
-        value = beta * (log_p_t.exp() * (log_p_t - log_m)).sum(-1) + (p_s * u).sum(-1)
-        return value, p_s * (u - (p_s * u).sum(-1, keepdim=True))
+        p_s = log_p_s.exp_()
+        student_part = (p_s * u).sum(-1)
+        return teacher_part + student_part, u.sub_(student_part[:, None]).mul_(p_s)
     raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
 
 
 class _ChunkedDivergence(torch.autograd.Function):
-    """Sum over rows of a divergence, with each chunk's gradient computed in forward (Liger-style).
-
-    Forward keeps only grad_hidden [N, d_s] and grad_head [V, d_s]; no [N, V] tensor outlives its chunk,
-    so memory grows with chunk × V, not with the number of tokens. Backward only scales them.
+    """Sum over rows of a divergence, with each chunk's gradient computed in forward (as Liger's fused
+    linear losses do): forward keeps only grad_hidden [N, d_s] and grad_head [V, d_s], so no [rows, V]
+    tensor outlives its chunk and memory grows with chunk × V, not with the number of tokens. Backward only
+    scales them, in place: the graph cannot be retained for a second backward (autograd says so if tried).
     """
 
     @staticmethod
     def forward(ctx, student_hidden, student_head, teacher_hidden, teacher_head, chunk_size, divergence, jsd_beta):
-        want_hidden, want_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dtype = student_head.dtype  # logits and gradient matmuls run in the head's dtype (bf16 tensor cores)
-        accumulate = dict(dtype=torch.promote_types(dtype, torch.float32), device=student_head.device)
-        total = torch.zeros((), **accumulate)
-        grad_hidden = torch.zeros(student_hidden.shape, **accumulate) if want_hidden else None
-        grad_head = torch.zeros(student_head.shape, **accumulate) if want_head else None
-        for i in range(0, student_hidden.shape[0], chunk_size):
-            rows = student_hidden[i:i + chunk_size].to(dtype)
-            value, grad_logits = divergence_and_grad(rows @ student_head.T,
-                                                     teacher_hidden[i:i + chunk_size].to(teacher_head.dtype) @ teacher_head.T,
-                                                     divergence, jsd_beta)
-            total += value.sum()
-            grad_logits = grad_logits.to(dtype)  # accumulation below stays in fp32
-            if want_hidden:
-                grad_hidden[i:i + chunk_size] = grad_logits @ student_head
-            if want_head:
-                grad_head += grad_logits.T @ rows
+        device = student_hidden.device
+        # Matmuls run in the compute dtype: autocast's when it is on (fp32 master weights, bf16 compute),
+        # else the head's. Gradients accumulate in fp32 for an fp32 head; a bf16 head gets a bf16 gradient,
+        # accumulated in place, so no [V, d] temporary is made per chunk.
+        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else student_head.dtype
+        with torch.autocast(device.type, enabled=False):
+            head = student_head.to(compute)
+            teacher = teacher_head.to(torch.get_autocast_dtype(device.type) if compute != student_head.dtype
+                                      else teacher_head.dtype)
+            total = torch.zeros((), dtype=torch.float64, device=device)  # sums over many chunks
+            grad_hidden = torch.empty(student_hidden.shape, dtype=torch.promote_types(compute, torch.float32),
+                                      device=device) if ctx.needs_input_grad[0] else None
+            grad_head = torch.zeros(student_head.shape, dtype=student_head.dtype, device=device) \
+                if ctx.needs_input_grad[1] else None
+            for i in range(0, student_hidden.shape[0], chunk_size):
+                rows = student_hidden[i:i + chunk_size].to(compute)
+                value, grad_logits = _divergence_and_grad_(_chunk_logits(rows, head, 0, chunk_size),
+                                                           _chunk_logits(teacher_hidden[i:i + chunk_size], teacher,
+                                                                         0, chunk_size), divergence, jsd_beta)
+                total += value.sum()
+                grad_logits = grad_logits.to(compute)
+                if grad_hidden is not None:
+                    torch.mm(grad_logits, head, out=grad_hidden[i:i + chunk_size]) \
+                        if grad_hidden.dtype == compute else grad_hidden[i:i + chunk_size].copy_(grad_logits @ head)
+                if grad_head is not None:
+                    if grad_head.dtype == compute:
+                        grad_head.addmm_(grad_logits.T, rows)
+                    else:
+                        grad_head += grad_logits.T @ rows
+                del grad_logits  # before the next chunk's logits exist
         ctx.save_for_backward(grad_hidden, grad_head)
-        return total
+        return total.to(torch.promote_types(compute, torch.float32))
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_head = ctx.saved_tensors
-        grad_hidden = None if grad_hidden is None else grad_hidden * grad_total
-        grad_head = None if grad_head is None else grad_head * grad_total
+        grad_hidden = None if grad_hidden is None else grad_hidden.mul_(grad_total)
+        grad_head = None if grad_head is None else grad_head.mul_(grad_total)
         return grad_hidden, grad_head, None, None, None, None, None
 
 
