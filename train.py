@@ -80,10 +80,10 @@ def accumulate_gradients(student, teacher, batch, config: tip.Config, generator:
         targets = mask[:, 1:].bool()  # the hidden state at p predicts the token at p + 1
         with torch.no_grad():
             teacher_rows = tip.final_hidden_states(teacher, input_ids, attention_mask)[:, :-1][targets]
-        with autocast(student_head.device):
+        with autocast(student_head.device):  # also puts the scoring matmuls on bf16 tensor cores
             student_rows = tip.final_hidden_states(student, input_ids, attention_mask)[:, :-1][targets]
-        stats_parts.append(score.chunked_token_stats(student_rows.detach(), student_head, teacher_rows,
-                                                     teacher_head, config.chunk_size))
+            stats_parts.append(score.chunked_token_stats(student_rows.detach(), student_head, teacher_rows,
+                                                         teacher_head, config.chunk_size))
         micro_batches.append((rows, student_rows, teacher_rows))
 
     # Per-token scalars back in [B, L] layout; rows are in the same row-major order as response_mask.
@@ -103,8 +103,9 @@ def accumulate_gradients(student, teacher, batch, config: tip.Config, generator:
     loss_sum = 0.0
     for rows, student_rows, teacher_rows in micro_batches:
         kept_rows = kept_mask[rows][response_mask[rows]]  # this micro-batch's kept tokens, in row order
-        loss = score.distillation_loss(student_rows[kept_rows], student_head, teacher_rows[kept_rows],
-                                       teacher_head, config.chunk_size, "sum", config.divergence, config.jsd_beta)
+        with autocast(student_head.device):
+            loss = score.distillation_loss(student_rows[kept_rows], student_head, teacher_rows[kept_rows],
+                                           teacher_head, config.chunk_size, "sum", config.divergence, config.jsd_beta)
         loss_sum += loss.item()
         if kept_tokens > 0:
             (loss / kept_tokens).backward()  # Eq. 9: the mean over the kept tokens of the whole step
