@@ -27,9 +27,6 @@ pass (exit code 1 if they disagree).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import current_rss_bytes, max_rss_bytes, gib, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -85,20 +84,6 @@ def make_inputs(args, device: torch.device, dtype: torch.dtype):
     teacher_hidden = randn(args.rows, 1.0)
     teacher_head = randn(args.vocab, 3.0 / args.hidden ** 0.5)
     return student_hidden, student_head, teacher_hidden, teacher_head
-
-
-def current_rss_bytes() -> int:
-    """Resident set size now (Linux /proc); elsewhere the max so far, which only makes the delta smaller."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return max_rss_bytes()
-
-
-def max_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux, in bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def run_variant(args) -> None:
@@ -206,21 +191,8 @@ def measure(args, folder: Path) -> dict:
     return {w.variant: w.finish() for w in workers}
 
 
-def gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2 ** 30:.2f} GiB" if n_bytes >= 2 ** 30 else f"{n_bytes / 2 ** 20:.0f} MiB"
-
-
 def verdict(ratio: float, target: float) -> str:
     return f"{ratio:.3f} (target ≤ {target:g}: {'met' if ratio <= target else 'MISSED'})"
-
-
-def machine_line(args) -> str:
-    if args.device == "cuda":
-        where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not available here)"
-    else:
-        where = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return f"{where}; torch {torch.__version__}; load average (1/5/15 min) {load}"
 
 
 def main(args) -> int:

@@ -54,8 +54,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -64,6 +62,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import current_rss_bytes, max_rss_bytes, reset_max_rss, gib, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -153,30 +153,6 @@ def naive_step(student, teacher, batch: Rollouts, optimizer, config: tip.Config)
     return dict(loss=loss.item(), response_tokens=tokens, kept_tokens=tokens, skipped="")
 
 
-def current_rss_bytes() -> int:
-    """Resident set size now (Linux /proc); elsewhere the high-water mark, which only makes the delta smaller."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return max_rss_bytes()
-
-
-def max_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux, in bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def reset_max_rss() -> bool:
-    """Lower this process's RSS high-water mark (ru_maxrss) to its current RSS; False where refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_variant(args) -> None:
     """Child process: models, batch, optimizer, one small warm-up step, then --repeats measured steps.
     Writes peaks, times and the step's metrics to args.result as JSON."""
@@ -251,19 +227,6 @@ def measure(variant: str, args, folder: Path) -> dict:
             why = f"killed by signal {-done.returncode} (out of memory?)"
         return {"error": why[-160:]}
     return json.loads(result.read_text())
-
-
-def gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2 ** 30:.2f} GiB" if abs(n_bytes) >= 2 ** 30 else f"{n_bytes / 2 ** 20:.0f} MiB"
-
-
-def machine_line(args) -> str:
-    if args.device == "cuda":
-        where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not available here)"
-    else:
-        where = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return f"{where}; torch {torch.__version__}; load average (1/5/15 min) {load}"
 
 
 def main(args) -> int:
