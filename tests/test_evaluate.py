@@ -1,0 +1,383 @@
+"""evaluate.py: the grader, mean@k, benchmark loading, the CLI and the taxonomy of a pair (§4, §7.1)."""
+import json
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import evaluate
+from conftest import char_tokenizer, tiny_causal_lm
+from evaluate import extract_boxed, is_correct
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """`teacher/` (hidden 48) and `student/` (hidden 32): random Qwen3 models from configs sharing a
+    character-level tokenizer built with `tokenizers` (chat template), saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny_pair")
+    tokenizer = char_tokenizer()
+    for role, hidden, seed in (("teacher", 48, 1), ("student", 32, 2)):
+        tiny_causal_lm(tokenizer, hidden, seed=seed).save_pretrained(folder / role)
+        tokenizer.save_pretrained(folder / role)
+    return folder
+
+# (response, reference answer, verdict)
+GRADER_CASES = [
+    ("so \\boxed{\\frac12}", "0.5", True),
+    ("\\boxed{0.5}", "\\frac{1}{2}", True),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac12", True),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", True),
+    ("\\boxed{0.33}", "\\frac13", False),
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", True),
+    ("\\boxed{(x+1)^2}", "x^2+1", False),
+    ("\\boxed{1,000}", "1000", True),
+    ("\\boxed{1000}", "1,000", True),
+    ("\\boxed{12,345}", "12345", True),
+    ("\\boxed{50\\%}", "50\\%", True),
+    ("\\boxed{0.5}", "50\\%", True),
+    ("\\boxed{40\\%}", "50\\%", False),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
+    ("\\boxed{\\sqrt{2}}", "\\sqrt{3}", False),
+    ("\\boxed{[1,2)}", "[1,2)", True),
+    ("\\boxed{[1,2)}", "(1,2]", False),
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]", True),
+    ("\\boxed{(3, -1)}", "(3,-1)", True),
+    ("\\boxed{(3, -1)}", "(-1,3)", False),
+    ("\\boxed{\\frac{14}{3}}", "\\frac{14}{3}", True),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{1}{2}\\sqrt{3}", True),
+    ("first \\boxed{3}, then \\boxed{4}", "4", True),
+    ("first \\boxed{4}, then \\boxed{3}", "4", False),
+    ("The answer is 4.", "4", False),
+    ("\\boxed{}", "4", False),
+    ("\\boxed{4}. So the answer is 5, not 4... final: 5", "4", True),
+    ("\\boxed {4}", "4", True),
+    ("\\fbox{4}", "4", True),
+    ("\\boxed{4} but wait \\boxed{\\frac{1", "4", False),
+    ("\\boxed{5.0}", "5", True),
+    ("\\boxed{033}", "33", True),
+    ("\\boxed{-5}", "5", False),
+    ("\\boxed{\\text{(B)}}", "B", True),
+    ("\\boxed{x=3}", "3", True),
+    ("\\boxed{2\\pi}", "2 \\pi", True),
+    ("\\boxed{\\text{no}} and the answer is 4", "4", False),
+    ("93+67=50\n\\boxed{50}", "160", False),
+    ("\\boxed{18.90}", "\\$18.90", True),
+    ("\\boxed{\\frac12}", " $0.5$ ", True),
+    ("\\boxed{(3,\\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+]
+
+
+@pytest.mark.parametrize("response,answer,verdict", GRADER_CASES)
+def test_grader_table(response, answer, verdict):
+    assert is_correct(response, answer) is verdict
+
+
+@pytest.mark.parametrize("text,content", [
+    ("\\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
+    ("a \\boxed{1} b \\boxed{2} c", "2"),
+    ("\\boxed {x}", "x"),
+    ("\\fbox{y} z", "y"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("\\boxed{}", ""),
+    ("no box here, 42", None),
+    ("\\boxed{1} \\boxed{\\frac{2", None),
+])
+def test_extract_boxed(text, content):
+    assert extract_boxed(text) == content
+
+
+def test_empty_reference_is_an_error():
+    with pytest.raises(ValueError, match="reference answer is empty"):
+        is_correct("\\boxed{1}", "  ")
+
+
+def test_grader_from_threads_gives_the_main_thread_verdicts():
+    cases = GRADER_CASES[:8]
+    with ThreadPoolExecutor(2) as pool:
+        verdicts = list(pool.map(lambda case: (threading.current_thread() is threading.main_thread(),
+                                               is_correct(case[0], case[1])), cases))
+    assert [v for _, v in verdicts] == [c[2] for c in cases]
+    assert not any(main for main, _ in verdicts)
+
+
+def test_a_pathological_answer_is_cut_off_by_the_timeout():
+    # sympy would evaluate 10^(10^10) for minutes; math-verify's limit turns it into a wrong answer
+    assert is_correct("\\boxed{10^{10^{10}}}", "3") is False
+
+
+# ---------------------------------------------------------------- mean@k on a stub generator
+
+PROBLEMS = [{"problem": "Q-zero", "answer": "1"}, {"problem": "Q-one", "answer": "\\frac12"},
+            {"problem": "Q-two", "answer": "3"}]
+CORRECT_PER_SAMPLE = {"Q-zero": [1, 1, 1, 1], "Q-one": [1, 0, 0, 0], "Q-two": [0, 0, 0, 0]}
+
+
+def stub_generate(calls):
+    def generate(prompts, n):
+        calls.append((list(prompts), n))
+        texts = []
+        for prompt in prompts:
+            problem = next(p for p in PROBLEMS if p["problem"] in prompt)  # the prompt may be chat-formatted
+            answer = problem["answer"]
+            for j in range(n):
+                right = CORRECT_PER_SAMPLE[problem["problem"]][j]
+                texts.append(f"work \\boxed{{{answer}}}" if right else ("no box" if j % 2 else "\\boxed{-7}"))
+        return texts
+    return generate
+
+
+def test_mean_at_k_arithmetic_and_prompt_major_order():
+    calls = []
+    summary, results = evaluate.run_benchmark(PROBLEMS, [p["problem"] for p in PROBLEMS], stub_generate(calls),
+                                              samples=4, batch_size=8, show_progress=False)
+    assert [c[1] for c in calls] == [4, 4] and [len(c[0]) for c in calls] == [2, 1]  # 8 // 4 prompts per call
+    assert [r["accuracy"] for r in results] == [1.0, 0.25, 0.0]
+    assert results[1]["correct"] == [True, False, False, False]
+    assert results[1]["predictions"] == ["\\frac12", None, "-7", None]
+    # by hand: per problem 1, 1/4, 0 -> mean 5/12, pstdev sqrt(26)/12; per sample index 2/3, 1/3, 1/3, 1/3
+    assert summary["accuracy"] == pytest.approx(5 / 12)
+    assert summary["std_over_problems"] == pytest.approx(math.sqrt(26) / 12)
+    assert summary["std_over_samples"] == pytest.approx(math.sqrt(3) / 12)
+    assert summary["no_box"] == pytest.approx(4 / 12)  # samples 1 and 3 of p1 and p2
+    assert (summary["problems"], summary["samples"]) == (3, 4)
+
+
+def test_a_generator_returning_the_wrong_count_is_refused():
+    with pytest.raises(ValueError, match="returned 3 texts"):
+        evaluate.run_benchmark(PROBLEMS[:1], ["Q-zero"], lambda prompts, n: ["x"] * 3, samples=4, show_progress=False)
+
+
+def _table_row(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return dict(zip(head, (c.strip() for c in lines[2].strip("|").split("|"))))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_cli_json_and_table_agree(tmp_path, tiny_pair, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "bench.jsonl", PROBLEMS)
+    monkeypatch.setattr(evaluate, "model_generator", lambda *args, **kwargs: stub_generate([]))
+    out = tmp_path / "res" / "out.json"
+    evaluate.main(["--model", str(tiny_pair / "student"), "--data", str(data), "--samples", "4",
+                   "--out", str(out), "--device", "cpu"])
+    saved = json.loads(out.read_text())
+    summary, problems = saved["summary"], saved["problems"]
+    assert [p["answer"] for p in problems] == [p["answer"] for p in PROBLEMS]
+    assert summary["metric"] == "mean@4" and summary["benchmark"] == "bench"
+    assert summary["accuracy"] == pytest.approx(sum(p["accuracy"] for p in problems) / len(problems))
+    assert summary["accuracy"] == pytest.approx(5 / 12)
+    row = _table_row(capsys.readouterr().out)
+    assert row["accuracy %"] == f"{100 * summary['accuracy']:.1f}" == "41.7"
+    assert row["std over problems %"] == f"{100 * summary['std_over_problems']:.1f}"
+    assert row["problems"] == "3" and row["metric"] == "mean@4"
+    assert not list(out.parent.glob(".*tmp"))  # written atomically: no temporary file left behind
+
+
+def test_cli_on_a_tiny_model_end_to_end(tmp_path, tiny_pair, capsys):
+    data = write_jsonl(tmp_path / "bench.jsonl", PROBLEMS[:2])
+    out = tmp_path / "greedy.json"
+    evaluate.main(["--model", str(tiny_pair / "student"), "--data", str(data), "--greedy", "--max-new-tokens",
+                   "4", "--out", str(out), "--device", "cpu", "--save-responses"])
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["metric"] == "pass@1 (greedy)" and saved["summary"]["samples"] == 1
+    assert all(len(p["correct"]) == len(p["responses"]) == len(p["predictions"]) == 1 for p in saved["problems"])
+    assert "pass@1 (greedy)" in capsys.readouterr().out
+
+
+def test_cli_toy_benchmark_asks_bare_problems(tmp_path, tiny_pair, monkeypatch):
+    seen = []
+
+    def recorder(*args, **kwargs):
+        return lambda prompts, n: seen.extend(prompts) or ["\\boxed{0}"] * (len(prompts) * n)
+    monkeypatch.setattr(evaluate, "model_generator", recorder)
+    evaluate.main(["--model", str(tiny_pair / "student"), "--benchmark", "toy", "--problems", "3", "--samples", "2",
+                   "--out", str(tmp_path / "toy.json"), "--device", "cpu"])
+    problems = evaluate.load_problems("toy")[:3]
+    assert len(seen) == 3 and all(p["problem"] in text and "boxed" not in text for p, text in zip(problems, seen))
+    saved = json.loads((tmp_path / "toy.json").read_text())
+    assert saved["summary"]["max_new_tokens"] == 48 and saved["summary"]["problems"] == 3
+
+
+def test_greedy_with_several_samples_is_refused():
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "m", "--benchmark", "toy", "--greedy", "--samples", "4"])
+
+
+# ---------------------------------------------------------------- loading benchmarks
+
+def test_local_jsonl_and_parquet(tmp_path):
+    rows = [{"problem": "What is 1+1?", "answer": 2, "solution": "1+1=\\boxed{3}"},
+            {"problem": "x?", "answer": "\\frac{1}{2}"}]
+    assert evaluate.load_problems(None, str(write_jsonl(tmp_path / "b.jsonl", rows))) == [
+        {"problem": "What is 1+1?", "answer": "2"}, {"problem": "x?", "answer": "\\frac{1}{2}"}]
+    import pyarrow
+    import pyarrow.parquet
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"problem": "q", "answer": "7"}]), tmp_path / "b.parquet")
+    assert evaluate.load_problems("math500", str(tmp_path / "b.parquet")) == [{"problem": "q", "answer": "7"}]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "is empty"),
+    ('{"question": "q", "answer": "1"}\n', "no problem column"),
+    ('{"problem": "q", "solution": "\\\\boxed{1}"}\n', "no answer column"),
+    ('{"problem": "q", "answer": ""}\n', "empty answer"),
+    ("not json\n", "could not be read"),
+    ("[1, 2]\n", "no problem or answer column"),
+])
+def test_bad_local_files_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        evaluate.load_problems(None, str(path))
+
+
+def test_missing_file_and_wrong_suffix(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate.load_problems(None, str(tmp_path / "nope.jsonl"))
+    (tmp_path / "b.csv").write_text("problem,answer\nq,1\n")
+    with pytest.raises(ValueError, match="expected .jsonl"):
+        evaluate.load_problems(None, str(tmp_path / "b.csv"))
+
+
+@pytest.mark.parametrize("name", ["math500", "aime24", "aime25"])
+def test_hub_benchmarks_offline_point_to_data(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+    # empty caches: a machine that once downloaded the benchmark must still see the offline error
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match="--data"):
+        evaluate.load_problems(name)
+
+
+def test_cli_reports_the_offline_error(capsys):
+    with pytest.raises(SystemExit, match="--data"):
+        evaluate.main(["--model", "m", "--benchmark", "aime24"])
+
+
+def test_toy_benchmark_is_the_held_out_split_asked_bare(tiny_pair):
+    import toy
+    from transformers import AutoTokenizer
+    problems = evaluate.load_problems("toy")
+    assert problems == [{"problem": p["problem"], "answer": p["answer"]} for p in toy.toy_problems("test")]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "student")
+    bare, math = (evaluate.benchmark_prompts(problems[:1], tokenizer, bare=b) for b in (True, False))
+    assert bare[0] == tokenizer.apply_chat_template([{"role": "user", "content": problems[0]["problem"]}],
+                                                    tokenize=False, add_generation_prompt=True)
+    assert "\\boxed{}" in math[0] and "step by step" in math[0] and problems[0]["problem"] in math[0]
+
+
+# ---------------------------------------------------------------- the taxonomy of a pair
+
+def run_taxonomy(tiny_pair, tmp_path, *extra):
+    out = tmp_path / "tax.json"
+    evaluate.main(["--taxonomy", "--teacher", str(tiny_pair / "teacher"), "--student", str(tiny_pair / "student"),
+                   "--prompts", "toy", "--problems", "3", "--samples", "2", "--max-new-tokens", "10",
+                   "--out", str(out), "--device", "cpu", "--batch-size", "4", *extra])
+    return json.loads(out.read_text()), out
+
+
+def test_taxonomy_shares_sum_to_100_percent(tiny_pair, tmp_path, capsys):
+    report, out = run_taxonomy(tiny_pair, tmp_path)
+    quadrants, summary = report["quadrants"], report["summary"]
+    assert [q["quadrant"] for q in quadrants] == ["Q1", "Q2", "Q3", "Q4"]
+    assert sum(q["tokens"] for q in quadrants) == summary["tokens"] > 0
+    assert sum(q["token_share"] for q in quadrants) == pytest.approx(1.0)
+    assert sum(q["kl_mass_share"] for q in quadrants) == pytest.approx(1.0)
+    # median split: strictly above the median is at most half of the tokens, on each axis
+    high_h = quadrants[0]["tokens"] + quadrants[1]["tokens"]
+    high_d = quadrants[0]["tokens"] + quadrants[2]["tokens"]
+    assert high_h <= summary["tokens"] // 2 and high_d <= summary["tokens"] // 2
+    assert summary["split"] == "median" and summary["rollouts"] == 6
+    printed = capsys.readouterr().out
+    assert "reverse-KL mass %" in printed and "| Q3 |" in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in printed
+        pytest.skip("matplotlib is not installed (an optional dependency): the PNG scatter is not exercised")
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_taxonomy_given_splits(tiny_pair, tmp_path):
+    report, _ = run_taxonomy(tiny_pair, tmp_path, "--h-split", "2.0", "--d-split", "-1.0", "--png",
+                             str(tmp_path / "p.png"))
+    assert report["summary"]["split"] == "given"
+    # every h <= 1 < 2 is low and every δ >= 0 > -1 is high: every token is Q3
+    assert report["quadrants"][2]["token_share"] == 1.0
+    assert report["quadrants"][0]["mean_h"] is None  # an empty quadrant has no mean (JSON null, not NaN)
+    assert report["q3_examples"] and all(0 <= e["student_p"] <= 1 for e in report["q3_examples"])
+
+
+def test_taxonomy_matches_full_logits_in_float64(tiny_pair):
+    """The scored tokens and their h, δ equal the plain formula on full logits (the shift p -> p + 1 included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tip
+    from rollout import generate_rollouts
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "student")
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair / "teacher").eval()
+    prompts = [tip.format_prompt(tokenizer, text) for text in ("12+34=", "5-3=")]
+    report, points = evaluate.taxonomy(teacher, student, tokenizer, prompts, samples=2, max_new_tokens=8, seed=3,
+                                       batch_size=4)
+    rollouts = generate_rollouts(student, tokenizer, prompts, 2, 8, seed=3, batch_size=4)
+    position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = [m(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids
+                    ).logits[:, :-1][rollouts.response_mask[:, 1:]].double() for m in (student, teacher)]
+    log_s, log_t = (torch.log_softmax(x, -1) for x in logits)
+    entropy = -(log_s.exp() * log_s).sum(-1)
+    reverse_kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    assert points["h"].shape == entropy.shape
+    torch.testing.assert_close(points["h"].double(), entropy / math.log(len(tokenizer)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(points["d"].double(), reverse_kl, atol=1e-5, rtol=1e-4)
+    assert report["summary"]["tokens"] == int(rollouts.response_mask.sum())
+
+
+def test_taxonomy_student_equals_teacher_gives_zero_divergence(tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "student")
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair / "student").eval()
+    report, points = evaluate.taxonomy(student, student, tokenizer, [tip.format_prompt(tokenizer, "1+2=")],
+                                       samples=2, max_new_tokens=6, batch_size=2)
+    assert points["d"].abs().max() < 1e-6
+    assert all(q["kl_mass_share"] == 0.0 for q in report["quadrants"])
+
+
+def test_plot_written_atomically_with_a_stand_in_figure(tmp_path, monkeypatch):
+    """The picture's file handling where matplotlib (optional) is absent: a stand-in Figure records the calls."""
+    import sys
+    import types
+    calls = []
+
+    class Figure:
+        def __init__(self, **kwargs):
+            pass
+
+        def __getattr__(self, name):  # subplots() returns the figure itself, which takes any axes call
+            return lambda *args, **kwargs: calls.append(name) or self
+
+        def savefig(self, path, format, dpi):
+            calls.append("savefig")
+            path.write_bytes(f"{format}:{dpi}".encode())
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", types.SimpleNamespace(Figure=Figure))
+    h, d = torch.rand(30), torch.rand(30)
+    quadrant = torch.randint(1, 5, (30,))
+    report = {"summary": {"h_split": 0.5, "d_split": 0.5, "tokens": 30, "split": "median"},
+              "quadrants": evaluate.quadrant_report(h, h, d, quadrant)}
+    path = tmp_path / "new" / "fig.png"
+    assert evaluate.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, path, max_points=10) is True
+    assert path.read_bytes() == b"png:120" and calls.count("scatter") == 4 and calls[-1] == "savefig"
+    assert [p.name for p in path.parent.iterdir()] == ["fig.png"]  # no temporary file left behind
