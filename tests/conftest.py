@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and other processes share the cores
@@ -49,3 +50,15 @@ def tiny_causal_lm(tokenizer, hidden: int, layers: int = 2, seed: int = 0, **ove
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> Path:
+    """`teacher/` (hidden 48) and `student/` (hidden 32): random Qwen3 models from configs sharing a
+    character-level tokenizer (chat template), saved with save_pretrained as a user's folders would be."""
+    folder = tmp_path_factory.mktemp("tiny_pair")
+    tokenizer = char_tokenizer()
+    for role, hidden, seed in (("teacher", 48, 1), ("student", 32, 2)):
+        tiny_causal_lm(tokenizer, hidden, seed=seed).save_pretrained(folder / role)
+        tokenizer.save_pretrained(folder / role)
+    return folder

@@ -8,20 +8,8 @@ import pytest
 import torch
 
 import evaluate
-from conftest import char_tokenizer, tiny_causal_lm
 from evaluate import extract_boxed, is_correct
 
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    """`teacher/` (hidden 48) and `student/` (hidden 32): random Qwen3 models from configs sharing a
-    character-level tokenizer built with `tokenizers` (chat template), saved with save_pretrained."""
-    folder = tmp_path_factory.mktemp("tiny_pair")
-    tokenizer = char_tokenizer()
-    for role, hidden, seed in (("teacher", 48, 1), ("student", 32, 2)):
-        tiny_causal_lm(tokenizer, hidden, seed=seed).save_pretrained(folder / role)
-        tokenizer.save_pretrained(folder / role)
-    return folder
 
 # (response, reference answer, verdict)
 GRADER_CASES = [

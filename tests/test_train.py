@@ -5,15 +5,14 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import tip
 import train
-from conftest import ROOT, tiny_causal_lm
-from train_worker import config, make_batch, make_pair, one_step, tokenizer
+from conftest import ROOT
+from train_worker import config, make_batch, make_pair, one_step
 
 def gradients(student):
     return {name: p.grad.clone() for name, p in student.named_parameters()}
@@ -136,16 +135,11 @@ def test_two_ranks_match_one_process(tmp_path, mode):
 
 
 @pytest.fixture(scope="module")
-def pair_and_prompts(tmp_path_factory):
-    """A tiny saved pair (shared tokenizer) and a local prompt file with answers, as a user would pass them."""
-    folder = tmp_path_factory.mktemp("run_inputs")
-    teacher, student = make_pair()
-    for role, model in (("teacher", teacher), ("student", student)):
-        model.save_pretrained(folder / role)
-        tokenizer().save_pretrained(folder / role)
+def pair_and_prompts(tiny_pair):
+    """The tiny saved pair and a local prompt file with answers, as a user would pass them."""
     rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
-    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+    (tiny_pair / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tiny_pair
 
 
 def cli(folder, out_dir, run_name, *extra):
