@@ -2,22 +2,27 @@
 
 A fresh machine has no model hub, yet the pipeline must run end to end there. This file builds a pair that
 every other file treats exactly like a hub pair: a character-level tokenizer saved in transformers format
-(special tokens, left padding, a chat template) and two ordinary Qwen3 causal LMs trained by SFT and saved
-with `save_pretrained`. It is a file of its own because it is a concern of its own (a recipe, a cache, a
-report) and tip.py must stay small.
+(special tokens, left padding, a chat template) and two ordinary Qwen3 causal LMs trained by SFT, saved with
+`save_pretrained`. It is a file of its own because it is a concern of its own (a recipe, a cache, a report)
+and tip.py must stay small.
 
-The world exists to make the taxonomy of §4 visible. The task is integer arithmetic with a short worked
-solution ending in \\boxed{answer}. The teacher learns correct solutions. The student is smaller and
-under-trained, so it errs where it is unsure (Q1: high entropy, high divergence), and it learned a
-systematic misconception, never carrying when it adds (93+67=50), which it applies with confidence
-(Q3: low entropy, high divergence). Entropy-only rules rank those confident mistakes low (Prop. 2).
-The misconception is confident but not absolute (a small share of the student's solutions carry): on a
-token where the student is near-certain, the reverse-KL gradient w.r.t. its logits,
-P_S ⊙ (log P_S − log P_T − KL), vanishes with 1 − P_S(its choice), and distillation could never fix it.
+The world exists to make the taxonomy of §4 visible. The task is integer arithmetic with a worked solution
+ending in \\boxed{answer}. The teacher learns correct solutions. The student is smaller and sloppier, so it
+errs where it is unsure (Q1: high entropy h, Eq. 2, and high divergence δ, Eq. 3), and it learned a
+systematic misconception, never carrying when it adds (93+67=50, 7+8=5), which it applies with confidence
+(Q3: low h, high δ) — the tokens that entropy-only rules rank low (Prop. 2). Two traps shape the recipe:
 
-`python toy.py` builds (or `--rebuild`s) the world and prints and stores (report.json) the numbers the
-README records: accuracies, quadrant shares (Eqs. 2–3, median split), the entropy/divergence rank
-correlation and the misconception tokens' share of the loss gradient.
+1. In a character-level model, copied and format tokens are far sharper than any computed digit, so they set
+   the median entropy and push a confidently wrong digit into "high entropy". The student's copied and
+   format tokens are therefore label-smoothed (see `sft`), standing in for the stylistic freedom that keeps
+   a real model's typical token less sharp; the digits it computes are not.
+2. On a token where the student is near-certain, the reverse-KL gradient w.r.t. its logits,
+   P_S ⊙ (log P_S − log P_T − KL), vanishes with 1 − P_S(its choice): distillation could never fix it. So the
+   misconception is confident, not absolute: a small share of the student's solutions do carry.
+
+`python toy.py` builds (or `--rebuild`s) the world, measures it, prints the numbers and writes them to
+report.json in the world folder: accuracies, quadrant shares of tokens and of reverse-KL mass (median
+split), the rank correlation of entropy and δ, and the misconception tokens' share of the loss gradient.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 RECIPE_VERSION = 1  # bump when the code of the recipe changes in a way its fields do not show
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
-BOX = "\\boxed{"  # one token: format tokens are sharp, and each one more would lower the median entropy
+BOX = "\\boxed{"  # one token: each format token is one more sharp token lowering the median entropy
 CHARS = "0123456789+-=\n }{"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -70,17 +75,14 @@ class ToyRecipe:
     head_dim: int = 32
     teacher_hidden: int = 128
     teacher_layers: int = 4
-    teacher_steps: int = 400
+    teacher_steps: int = 600
     teacher_lr: float = 3e-3
     student_hidden: int = 128
     student_layers: int = 2
     student_steps: int = 600
     student_lr: float = 2e-3
-    # The misconception is confident, not absolute: this share of the student's solutions do carry.
-    student_correct_share: float = 0.02
-    # Label smoothing of the student's copied and format tokens (not of the digits it computes), so that
-    # they, and not its confident mistakes, carry its median entropy (see `sft`).
-    student_copy_smoothing: float = 0.05
+    student_correct_share: float = 0.05  # of the student's solutions that do carry: confident, not absolute
+    student_copy_smoothing: float = 0.1  # label smoothing of its copied and format tokens (trap 1)
 
 
 DEFAULT_RECIPE = ToyRecipe()
@@ -98,22 +100,20 @@ def no_carry_add(a: int, b: int) -> int:
 
 
 def solve(operands: list[int], ops: str, carry: bool = True) -> tuple[str, int]:
-    """A worked solution, one step per line, ending in \\boxed{answer}; carry=False applies the misconception."""
+    """A worked solution, one step per line, the last result in \\boxed{}; carry=False applies the
+    misconception (to additions of non-negative numbers; the student's own path may go below zero)."""
     total, lines = operands[0], []
     for op, b in zip(ops, operands[1:]):
-        if op == "-":
-            new = total - b
-        else:
-            new = total + b if carry or total < 0 else no_carry_add(total, b)
+        new = total - b if op == "-" else total + b if carry or total < 0 else no_carry_add(total, b)
         lines.append(f"{total}{op}{b}={new}")
         total = new
-    # the last step's result goes straight into the box: restating it would add sharp copy tokens
+    # the last result goes straight into the box: restating it would add sharp copy tokens (trap 1)
     lines[-1] = lines[-1].rsplit("=", 1)[0] + f"={BOX}{total}}}"
     return "\n".join(lines), total
 
 
 def needs_carry(operands: list[int], ops: str) -> bool:
-    """True when some addition on the correct path carries, i.e. the misconception changes the answer."""
+    """True when an addition on the correct path carries, i.e. when the misconception changes the answer."""
     total = operands[0]
     for op, b in zip(ops, operands[1:]):
         if op == "+" and no_carry_add(total, b) != total + b:
@@ -122,12 +122,15 @@ def needs_carry(operands: list[int], ops: str) -> bool:
     return False
 
 
+def problem_text(operands: list[int], ops: str) -> str:
+    return "".join(f"{a}{op}" for a, op in zip(operands, ops)) + f"{operands[-1]}="
+
+
 def _random_problem(rng: random.Random, recipe: ToyRecipe) -> tuple[list[int], str]:
-    n = rng.randint(recipe.min_operands, recipe.max_operands)
     top = 10 ** recipe.digits - 1
-    operands, ops, total = [rng.randint(0, top)], "", 0
+    operands, ops = [rng.randint(0, top)], ""
     total = operands[0]
-    for _ in range(n - 1):
+    for _ in range(rng.randint(recipe.min_operands, recipe.max_operands) - 1):
         op = rng.choice(recipe.operators)
         b = rng.randint(0, top if op == "+" else min(top, total))  # the correct path never goes below 0
         operands.append(b)
@@ -136,59 +139,55 @@ def _random_problem(rng: random.Random, recipe: ToyRecipe) -> tuple[list[int], s
     return operands, ops
 
 
-def problem_text(operands: list[int], ops: str) -> str:
-    return "".join(f"{a}{op}" for a, op in zip(operands, ops)) + f"{operands[-1]}="
-
-
-def parse_problem(text: str) -> tuple[list[int], str]:
-    """The operands and operators of a problem written by `problem_text`."""
-    return [int(x) for x in re.findall(r"\d+", text)], "".join(re.findall(r"[+-]", text))
-
-
 def _check(recipe: ToyRecipe) -> None:
     if not 2 <= recipe.min_operands <= recipe.max_operands:
-        raise ValueError(f"operands {recipe.min_operands}..{recipe.max_operands}: need 2 <= min <= max")
-    if not recipe.operators or set(recipe.operators) - set("+-") or "+" not in recipe.operators:
-        raise ValueError(f"operators {recipe.operators!r}: use '+' or '+-' (the misconception is about '+')")
+        raise ValueError(f"operands {recipe.min_operands}..{recipe.max_operands}: "
+                         "need 2 <= min_operands <= max_operands")
+    if "+" not in recipe.operators or set(recipe.operators) - set("+-"):
+        raise ValueError(f"operators {recipe.operators!r}: use '+' or '+-' (the misconception is about carrying)")
     if not 1 <= recipe.digits <= 4:
-        raise ValueError(f"digits={recipe.digits}: use 1..4")
+        raise ValueError(f"digits={recipe.digits}: use 1 to 4")
 
 
 def make_splits(recipe: ToyRecipe = DEFAULT_RECIPE) -> dict[str, list[dict]]:
-    """The held-out "test" and "trigger" splits and the distillation "train" split, disjoint, from the seed."""
+    """The held-out "test" and "trigger" splits and the distillation "train" split: disjoint, from the seed."""
     _check(recipe)
     rng, seen = random.Random(recipe.seed), set()
-    splits = {name: [] for name in SPLITS}
-    sizes = {"test": recipe.test_problems, "trigger": recipe.trigger_problems, "train": recipe.train_problems}
-    for name in ("test", "trigger", "train"):
-        tries = 0
-        while len(splits[name]) < sizes[name]:
-            tries += 1
-            if tries > 100 * sizes[name] + 1000:
-                raise ValueError(f"cannot draw {sizes[name]} distinct {name} problems: widen the recipe")
+    splits = {}
+    for name, size in (("test", recipe.test_problems), ("trigger", recipe.trigger_problems),
+                       ("train", recipe.train_problems)):
+        splits[name] = []
+        for _ in range(100 * size + 1000):
+            if len(splits[name]) == size:
+                break
             operands, ops = _random_problem(rng, recipe)
             text = problem_text(operands, ops)
-            if text in seen or (name == "trigger" and not needs_carry(operands, ops)):
-                continue
-            seen.add(text)
-            splits[name].append({"problem": text, "answer": str(solve(operands, ops)[1])})
+            if text not in seen and (name != "trigger" or needs_carry(operands, ops)):
+                seen.add(text)
+                splits[name].append({"problem": text, "answer": str(solve(operands, ops)[1])})
+        else:
+            raise ValueError(f"cannot draw {size} distinct {name} problems: "
+                             "allow more digits or operands, or ask for fewer problems")
     return splits
 
 
 def toy_problems(split: str, cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_RECIPE) -> list[dict]:
-    """The problems of one split, [{"problem", "answer"}], as stored in the world when it is built."""
+    """[{"problem", "answer"}] of one split: "train", "test" (held out) or "trigger" (held out, needs a carry).
+    Read from the world when it is built, else drawn from the seed (the same problems, without a build)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown toy split {split!r}: choose one of {SPLITS}")
-    stored = world_path(cache_dir, recipe) / f"{split}.jsonl"
-    if stored.exists():
-        return [json.loads(line) for line in stored.read_text().splitlines()]
-    return make_splits(recipe)[split]
+        raise ValueError(f"unknown toy split {split!r}: choose one of {', '.join(SPLITS)}")
+    world = world_path(cache_dir, recipe)
+    return read_split(world, split) if (world / "world.json").exists() else make_splits(recipe)[split]
+
+
+def read_split(world: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(world) / f"{split}.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- tokenizer and models
 
 def build_tokenizer():
-    """Character-level, with \\boxed{ as one token, saved and loaded like any transformers tokenizer."""
+    """Character-level (\\boxed{ is one token), saved and loaded like any transformers tokenizer."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -202,13 +201,14 @@ def build_tokenizer():
                                    unk_token=UNK, padding_side="left", chat_template=CHAT_TEMPLATE)
 
 
-def _new_model(tokenizer, hidden: int, layers: int, head_dim: int):
+def new_model(tokenizer, hidden: int, layers: int, head_dim: int):
+    """A randomly initialised Qwen3 causal LM whose LM head is its own weight (the P of Eqs. 1–3)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     heads = max(1, hidden // head_dim)
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim, max_position_embeddings=256,
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim, max_position_embeddings=512,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     model = Qwen3ForCausalLM(config)
@@ -217,9 +217,24 @@ def _new_model(tokenizer, hidden: int, layers: int, head_dim: int):
     return model
 
 
-def _sft_batches(tokenizer, recipe: ToyRecipe, held_out: set[str], correct_share: float, stream: int,
-                 steps: int):
-    """Token ids and response-only labels for `steps` batches of prompt-formatted solutions."""
+def computed_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
+    """True on the tokens a solution computes: the digits of each result and the token that ends it."""
+    opens = torch.tensor(tokenizer.convert_tokens_to_ids(["=", BOX]))
+    closes = torch.tensor(tokenizer.convert_tokens_to_ids(["\n", "}", ASSISTANT]))  # the prompt's "=" opens too
+    box = tokenizer.convert_tokens_to_ids(BOX)
+    inside = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for column in range(input_ids.shape[1]):
+        ids = input_ids[:, column]
+        mask[:, column] = inside & (ids != box)
+        inside = (inside | torch.isin(ids, opens)) & ~torch.isin(ids, closes)
+    return mask
+
+
+def sft_batches(tokenizer, recipe: ToyRecipe, held_out: set[str], correct_share: float, stream: int, steps: int):
+    """`steps` batches (ids, attention mask, labels, computed mask) of prompt-formatted solutions; labels are
+    -100 off the response. A share `correct_share` of the solutions carry, the rest apply the misconception."""
+    import tip
     rng = random.Random(f"{recipe.seed}-sft-{stream}")
     for _ in range(steps):
         texts, prompt_lengths = [], []
@@ -228,60 +243,39 @@ def _sft_batches(tokenizer, recipe: ToyRecipe, held_out: set[str], correct_share
             problem = problem_text(operands, ops)
             if problem in held_out:
                 continue
-            solution = solve(operands, ops, carry=rng.random() < correct_share)[0]
-            prompt = format_prompt(tokenizer, problem)
-            texts.append(prompt + solution + tokenizer.eos_token)
+            prompt = tip.format_prompt(tokenizer, problem)
+            texts.append(prompt + solve(operands, ops, carry=rng.random() < correct_share)[0] + tokenizer.eos_token)
             prompt_lengths.append(len(tokenizer(prompt, add_special_tokens=False).input_ids))
         batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
-        labels = batch.input_ids.clone()
-        labels[batch.attention_mask == 0] = -100
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         for row, length in enumerate(prompt_lengths):
-            labels[row, :length] = -100  # loss on the response tokens only
+            labels[row, :length] = -100
         yield batch.input_ids, batch.attention_mask, labels, computed_mask(tokenizer, batch.input_ids)
-
-
-def computed_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
-    """True on the tokens a solution computes: the digits of each result and the token that ends it."""
-    opens = torch.tensor(tokenizer.convert_tokens_to_ids(["=", BOX]))
-    closes = torch.tensor(tokenizer.convert_tokens_to_ids(["\n", "}", ASSISTANT]))
-    box = tokenizer.convert_tokens_to_ids(BOX)
-    state = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    for column in range(input_ids.shape[1]):
-        ids = input_ids[:, column]
-        mask[:, column] = state & (ids != box)
-        state = (state | torch.isin(ids, opens)) & ~torch.isin(ids, closes)
-    return mask
 
 
 def sft(model, tokenizer, recipe: ToyRecipe, held_out: set[str], steps: int, lr: float, correct_share: float = 1.0,
         copy_smoothing: float = 0.0, stream: int = 0, log=print) -> None:
-    """Supervised fine-tuning on prompt-formatted solutions: cross-entropy on the response tokens only,
-    AdamW, linear warmup then cosine decay to 10 %.
+    """Supervised fine-tuning: cross-entropy on the response tokens, AdamW, warmup then cosine to 10 % of lr.
 
-    `copy_smoothing` is label smoothing on the tokens the solution does not compute (restated operands,
-    operators, format, EOS). Why: in a character-level arithmetic model those tokens are far sharper than
-    any computed digit, so they set the median entropy of §4's split and push a confidently wrong digit
-    into "high entropy" (Q1). Natural language has stylistic freedom that keeps a real model's typical
-    token less sharp; this stands in for it. The computed digits are not smoothed, so the misconception
-    stays confident (P ≈ 1 − correct_share) and lands in Q3.
+    `copy_smoothing` is label smoothing on the response tokens the solution does not compute (restated
+    operands, operators, "=", the box, EOS): they then carry the student's median entropy (trap 1), while
+    the computed digits, the misconception's among them, stay sharp.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
     warmup = max(1, steps // 20)
     model.train()
-    batches = _sft_batches(tokenizer, recipe, held_out, correct_share, stream, steps)
-    for step, (input_ids, attention_mask, labels, computed) in enumerate(batches):
+    for step, (input_ids, attention_mask, labels, computed) in enumerate(
+            sft_batches(tokenizer, recipe, held_out, correct_share, stream, steps)):
         progress = max(0.0, (step - warmup) / max(1, steps - warmup))
-        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        flat_logits, flat_labels = logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-        loss = F.cross_entropy(flat_logits, flat_labels, reduction="none")
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].flatten(0, 1)
+        targets, computed = labels[:, 1:].flatten(), computed[:, 1:].flatten()
+        loss = F.cross_entropy(logits, targets, reduction="none")
         if copy_smoothing:
-            smoothed = F.cross_entropy(flat_logits, flat_labels, reduction="none", label_smoothing=copy_smoothing)
-            loss = torch.where(computed[:, 1:].reshape(-1), loss, smoothed)
-        loss = loss.sum() / (flat_labels != -100).sum()
+            smoothed = F.cross_entropy(logits, targets, reduction="none", label_smoothing=copy_smoothing)
+            loss = torch.where(computed, loss, smoothed)
+        loss = loss.sum() / (targets != -100).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -291,55 +285,44 @@ def sft(model, tokenizer, recipe: ToyRecipe, held_out: set[str], steps: int, lr:
     model.eval()
 
 
-def format_prompt(tokenizer, text: str) -> str:
-    """The chat-formatted prompt (tip.format_prompt when it exists: one formatting path in the project)."""
-    import tip
-    if hasattr(tip, "format_prompt"):
-        return tip.format_prompt(tokenizer, text)
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=False)
-
-
 # ---------------------------------------------------------------- the cache
 
 def world_path(cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_RECIPE) -> Path:
-    """<cache_dir or $TIP_CACHE or ~/.cache/tip>/toy-v<version>-<hash of the recipe fields>."""
+    """<cache_dir, else $TIP_CACHE, else ~/.cache/tip>/toy-v<RECIPE_VERSION>-<hash of the recipe's fields>."""
     root = Path(cache_dir or os.environ.get("TIP_CACHE") or Path.home() / ".cache" / "tip").expanduser()
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()).hexdigest()[:10]
     return root / f"toy-v{RECIPE_VERSION}-{digest}"
 
 
 def build_world(folder: Path, recipe: ToyRecipe, log=print) -> None:
-    """Write splits, tokenizer, teacher/ and student/ into `folder` (an empty temporary folder)."""
+    """Write the splits, teacher/ and student/ (each with the tokenizer) and world.json into `folder`."""
     start = time.time()
-    torch.manual_seed(recipe.seed)
     splits = make_splits(recipe)
     for name, problems in splits.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     held_out = {p["problem"] for name in ("test", "trigger") for p in splits[name]}
     tokenizer = build_tokenizer()
-    roles = {"teacher": (recipe.teacher_hidden, recipe.teacher_layers, recipe.teacher_steps, recipe.teacher_lr, 1.0, 0.0),
+    roles = {"teacher": (recipe.teacher_hidden, recipe.teacher_layers, recipe.teacher_steps, recipe.teacher_lr,
+                         1.0, 0.0),  # correct solutions, no smoothing
              "student": (recipe.student_hidden, recipe.student_layers, recipe.student_steps, recipe.student_lr,
                          recipe.student_correct_share, recipe.student_copy_smoothing)}
     for stream, (role, (hidden, layers, steps, lr, correct_share, smoothing)) in enumerate(roles.items()):
         torch.manual_seed(recipe.seed + stream)
-        model = _new_model(tokenizer, hidden, layers, recipe.head_dim)
+        model = new_model(tokenizer, hidden, layers, recipe.head_dim)
         log(f"{role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {steps} SFT steps")
         sft(model, tokenizer, recipe, held_out, steps, lr, correct_share, smoothing, stream, log)
         model.save_pretrained(folder / role)
         tokenizer.save_pretrained(folder / role)
     info = {"recipe_version": RECIPE_VERSION, "recipe": dataclasses.asdict(recipe),
             "build_seconds": round(time.time() - start, 1), "torch_threads": torch.get_num_threads()}
-    (folder / "world.json").write_text(json.dumps(info, indent=1) + "\n")
+    (folder / "world.json").write_text(json.dumps(info, indent=1) + "\n")  # last: it marks a finished world
 
 
 def toy_world(cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_RECIPE, rebuild: bool = False,
               log=print) -> Path:
-    """The toy world's folder (teacher/, student/, the splits), built on first use and cached.
-
-    The build goes to a temporary folder renamed into place at the end, so a killed build never leaves a
-    half world; a lock lets concurrent callers (e.g. torchrun ranks) wait for one build.
-    """
+    """The toy world's folder — teacher/, student/, {train,test,trigger}.jsonl, world.json — built on first
+    use and cached (`world_path`). The build runs in a temporary folder renamed into place at its end, so a
+    killed build never leaves a half world; a lock makes concurrent callers (torchrun ranks) wait for one."""
     path = world_path(cache_dir, recipe)
     if (path / "world.json").exists() and not rebuild:
         return path
@@ -347,26 +330,30 @@ def toy_world(cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_R
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (path / "world.json").exists() and not rebuild:
-            return path  # another process built it while we waited
+            return path  # built by another process while this one waited
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the world from others sharing the cache
         try:
             log(f"building the toy world in {path}")
             build_world(tmp, recipe, log)
-            if path.exists():
-                shutil.rmtree(path)
+            if path.exists():  # a rebuild: move the old world aside first, a folder cannot be replaced
+                os.replace(path, tmp.with_name(tmp.name + "-old"))
             os.replace(tmp, path)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in (tmp, tmp.with_name(tmp.name + "-old")):
+                shutil.rmtree(leftover, ignore_errors=True)
     return path
 
 
 # ---------------------------------------------------------------- measurement
 
 def misconception_positions(response_tokens: list[str]) -> list[int]:
-    """Indices of the response tokens where the student's no-carry rule departs from correct addition.
+    """Indices of the response tokens at which the student's no-carry rule departs from correct addition.
 
-    Each step `a+b=r` of the rollout is checked in the rollout's own context (its a and b, right or wrong):
-    the token is the first character of r that differs from a+b, when r up to it follows no_carry_add(a, b).
+    Each step `a+b=r` is judged in the rollout's own context (its a and b, right or wrong): the token is the
+    first character of r that differs from a+b, when r up to and including it follows no_carry_add(a, b).
     """
     text, owner = "", []
     for index, token in enumerate(response_tokens):
@@ -376,8 +363,8 @@ def misconception_positions(response_tokens: list[str]) -> list[int]:
     for line in text.split("\n"):
         step = re.match(r"(\d+)\+(\d+)=(?:\\boxed\{)?(\d*)", line)
         if step:
-            a, b, result = int(step[1]), int(step[2]), step[3]
-            right, wrong = str(a + b), str(no_carry_add(a, b))
+            result, right = step[3], str(int(step[1]) + int(step[2]))
+            wrong = str(no_carry_add(int(step[1]), int(step[2])))
             first = next((i for i in range(len(result)) if i >= len(right) or result[i] != right[i]), None)
             if first is not None and result[:first + 1] == wrong[:first + 1]:
                 positions.append(owner[start + step.start(3) + first])
@@ -386,19 +373,25 @@ def misconception_positions(response_tokens: list[str]) -> list[int]:
 
 
 def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the ranks (ties broken by position)."""
-    ranks = [torch.empty_like(v, dtype=torch.float64).scatter_(0, v.argsort(), torch.arange(len(v), dtype=torch.float64))
-             for v in (x, y)]
-    a, b = (r - r.mean() for r in ranks)
+    """Spearman's rank correlation of two flat tensors: the Pearson correlation of their ranks (ties are
+    ranked by position), in float64."""
+    positions = torch.arange(len(x), dtype=torch.float64)
+    a, b = (torch.empty_like(positions).scatter_(0, v.argsort(), positions) - positions.mean() for v in (x, y))
     return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def max_response_tokens(recipe: ToyRecipe) -> int:
+    """Room for the longest solution of the recipe with margin (each line: a op b = r, newline)."""
+    return (recipe.max_operands - 1) * (3 * (recipe.digits + 2) + 3) + 8
 
 
 @torch.no_grad()
 def measure(folder: Path, samples: int = 1, seed: int = 0, log=print) -> dict:
-    """Accuracies of the pair and the §4 taxonomy of the student's rollouts scored against the teacher.
+    """Accuracies of the pair and the taxonomy of §4 on the student's rollouts scored against the teacher.
 
-    Quadrants split each axis at its median (PAPER.md §2). The loss gradient of a token is the gradient of
-    its reverse KL (Eq. 3) w.r.t. the student's logits, P_S ⊙ (log P_S − log P_T − KL).
+    h is the normalized entropy (Eq. 2), δ the reverse KL (Eq. 3); both axes split at their medians
+    (PAPER.md §2). A token's loss gradient is that of its δ w.r.t. the student's logits,
+    P_S ⊙ (log P_S − log P_T − KL) (score.divergence_and_grad).
     """
     import evaluate
     import score
@@ -406,32 +399,30 @@ def measure(folder: Path, samples: int = 1, seed: int = 0, log=print) -> dict:
     from rollout import generate_rollouts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    recipe = ToyRecipe(**json.loads((folder / "world.json").read_text())["recipe"])
     tokenizer = AutoTokenizer.from_pretrained(folder / "student")
     models = {role: AutoModelForCausalLM.from_pretrained(folder / role, dtype=torch.float32).eval()
               for role in ("teacher", "student")}
-    problems = {split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
-                for split in ("test", "trigger")}
-    max_new = 16 * 4  # well above the longest solution
-    report = {}
-    for role, split, temperature in (("teacher", "test", 0.0), ("teacher", "test", 1.0), ("teacher", "trigger", 1.0),
-                                     ("student", "test", 1.0), ("student", "trigger", 1.0)):
-        prompts = evaluate.benchmark_prompts(problems[split], tokenizer, bare=True)
+    problems = {split: read_split(folder, split) for split in ("test", "trigger")}
+    prompts = {split: evaluate.benchmark_prompts(problems[split], tokenizer, bare=True) for split in problems}
+    max_new, report = max_response_tokens(recipe), {}
+    for role, split, temperature in (("teacher", "test", 0.0), ("teacher", "test", 1.0), ("teacher", "trigger", 0.0),
+                                     ("teacher", "trigger", 1.0), ("student", "test", 1.0),
+                                     ("student", "trigger", 1.0)):
         generate = evaluate.model_generator(models[role], tokenizer, max_new, temperature, 1.0, seed, 512)
-        summary, _ = evaluate.run_benchmark(problems[split], prompts, generate, samples if temperature else 1,
+        summary, _ = evaluate.run_benchmark(problems[split], prompts[split], generate, samples if temperature else 1,
                                             batch_size=512, show_progress=False)
-        name = f"{role}_{split}_" + ("greedy" if temperature == 0 else "t1")
+        name = f"{role}_{split}_{'greedy' if temperature == 0 else 't1'}"
         report[name] = round(summary["accuracy"], 4)
         log(f"{name}: {100 * summary['accuracy']:.1f} %")
 
-    # the taxonomy of §4 on the student's own rollouts of the held-out problems
-    prompts = evaluate.benchmark_prompts(problems["test"], tokenizer, bare=True)
-    rollouts = generate_rollouts(models["student"], tokenizer, prompts, samples, max_new, 1.0, 1.0, seed=seed + 1)
+    rollouts = generate_rollouts(models["student"], tokenizer, prompts["test"], samples, max_new, 1.0, 1.0,
+                                 seed=seed + 1)
     scored = rollouts.response_mask[:, 1:]  # the hidden state at p predicts the token at p + 1
-    logits = {role: (tip.final_hidden_states(model, rollouts.input_ids, rollouts.attention_mask)[:, :-1][scored]
-                     @ tip.lm_head_weight(model).T) for role, model in models.items()}
+    logits = {role: tip.final_hidden_states(model, rollouts.input_ids, rollouts.attention_mask)[:, :-1][scored]
+              @ tip.lm_head_weight(model).T for role, model in models.items()}
     stats = score.token_stats(logits["student"], logits["teacher"])
-    _, gradient = score.divergence_and_grad(logits["student"], logits["teacher"], "reverse_kl")
-    gradient_norm = gradient.double().norm(dim=-1)
+    gradient_norm = score.divergence_and_grad(logits["student"], logits["teacher"])[1].double().norm(dim=-1)
     h = score.normalized_entropy(stats.entropy, logits["student"].shape[-1])
     quadrant = tip.load_select().quadrants(h, stats.reverse_kl, torch.ones_like(h, dtype=torch.bool))
     misconception, offset = torch.zeros_like(h, dtype=torch.bool), 0
@@ -439,19 +430,67 @@ def measure(folder: Path, samples: int = 1, seed: int = 0, log=print) -> dict:
         tokens = tokenizer.convert_ids_to_tokens(ids[keep].tolist())
         misconception[[offset + i for i in misconception_positions(tokens)]] = True
         offset += len(tokens)
-    kl = stats.reverse_kl.double()
-    report["tokens"] = int(h.numel())
-    report["quadrants"] = {row["quadrant"]: {"token_share": round(row["token_share"], 4),
-                                             "kl_mass_share": round(row["kl_mass_share"], 4)}
-                           for row in evaluate.quadrant_report(h, stats.entropy, stats.reverse_kl, quadrant)}
+    mis, kl = misconception, stats.reverse_kl.double()
+    report.update(tokens=int(h.numel()), rollouts=len(rollouts.texts), quadrants={
+        row["quadrant"]: {key: round(row[key], 4) for key in ("token_share", "kl_mass_share")}
+        for row in evaluate.quadrant_report(h, stats.entropy, stats.reverse_kl, quadrant)})
     report["rank_correlation_entropy_kl"] = round(rank_correlation(stats.entropy, stats.reverse_kl), 4)
-    report["misconception"] = {
-        "token_share": round(float(misconception.double().mean()), 4),
-        "kl_mass_share": round(float(kl[misconception].sum() / kl.sum()), 4),
-        "gradient_norm_share": round(float(gradient_norm[misconception].sum() / gradient_norm.sum()), 4),
-        "gradient_norm_vs_mean_token": round(float(gradient_norm[misconception].mean() / gradient_norm.mean()), 4),
-        "quadrant_shares": {f"Q{q}": round(float((quadrant[misconception] == q).double().mean()), 4)
-                            for q in range(1, 5)} if misconception.any() else {},
-        "mean_student_p": round(float(torch.softmax(logits["student"][misconception], -1).max(-1).values.mean()), 4)
-        if misconception.any() else None}
+    def share(values):
+        return round(float(values[mis].sum() / values.sum()), 4)
+    report["misconception"] = {"tokens": int(mis.sum()), "token_share": share(torch.ones_like(kl)),
+                               "kl_mass_share": share(kl), "gradient_norm_share": share(gradient_norm)}
+    if mis.any():  # trap 2: the student's probability of the teacher's choice scales the gradient there
+        p_student = torch.softmax(logits["student"][mis].double(), -1)
+        report["misconception"].update(
+            gradient_norm_vs_mean_token=round(float(gradient_norm[mis].mean() / gradient_norm.mean()), 4),
+            quadrant_shares={f"Q{q}": round(float((quadrant[mis] == q).double().mean()), 4) for q in range(1, 5)},
+            student_p_own_choice=round(float(p_student.max(-1).values.mean()), 4),
+            student_p_teacher_choice=round(float(p_student.gather(
+                -1, logits["teacher"][mis].argmax(-1, keepdim=True)).mean()), 4))
     return report
+
+
+TARGETS = {  # what the default world must show (low, high)
+    "teacher_test_greedy": (0.90, 1.0), "teacher_test_t1": (0.85, 1.0), "teacher_trigger_t1": (0.85, 1.0),
+    "student_test_t1": (0.20, 0.50), "student_trigger_t1": (0.0, 0.20), "q3_token_share": (0.05, 1.0),
+    "q3_kl_mass_share": (0.10, 1.0), "rank_correlation_entropy_kl": (-1.0, 0.80)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import evaluate
+    parser = argparse.ArgumentParser(description="Build the toy world (cached) and measure it (paper §3–4).")
+    parser.add_argument("--cache-dir", default=None,
+                        help="parent folder of the world (default: $TIP_CACHE, else ~/.cache/tip)")
+    parser.add_argument("--rebuild", action="store_true", help="build again even when the world is cached")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); on a CPU shared with other jobs 1 is fastest")
+    parser.add_argument("--samples", type=int, default=1, help="samples per held-out problem at temperature 1")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before, start = os.getloadavg()[0], time.time()
+    world = toy_world(args.cache_dir, DEFAULT_RECIPE, rebuild=args.rebuild)
+    info, measure_start = json.loads((world / "world.json").read_text()), time.time()
+    report = {"world": str(world), "build_seconds": info["build_seconds"], "build_threads": info["torch_threads"],
+              "built_now": (world / "world.json").stat().st_mtime >= start, **measure(world, args.samples),
+              "measure_seconds": round(time.time() - measure_start, 1), "cpus": os.cpu_count(),
+              "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    values = {**report, **{f"q3_{key}": value for key, value in report["quadrants"]["Q3"].items()}}
+    report["targets_met"] = {name: low <= values[name] <= high for name, (low, high) in TARGETS.items()}
+    evaluate.write_json(world / "report.json", report)
+
+    print(f"\ntoy world {world}: built in {report['build_seconds']:.0f} s "
+          f"({'now' if report['built_now'] else 'cached'}, {report['build_threads']} torch threads), measured in "
+          f"{report['measure_seconds']:.0f} s, load average {report['load_average'][0]} -> "
+          f"{report['load_average'][1]} on {report['cpus']} CPUs")
+    for name, (low, high) in TARGETS.items():
+        print(f"  {name:28s} {values[name]:6.3f}  target [{low:.2f}, {high:.2f}]  "
+              f"{'ok' if report['targets_met'][name] else 'MISSED'}")
+    print("  quadrants (% of tokens / % of reverse-KL mass): " + ", ".join(
+        f"{q} {100 * v['token_share']:.1f} / {100 * v['kl_mass_share']:.1f}" for q, v in report["quadrants"].items()))
+    print("  misconception tokens: " + json.dumps(report["misconception"]))
+    print(f"report: {world / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()
