@@ -367,6 +367,7 @@ def plot_taxonomy(points: dict, report: dict, path: str | Path, max_points: int 
     axes.axhline(s["d_split"], color="black", linestyle="--", linewidth=0.8)
     # log above the split separates the large divergences; linear below it keeps δ = 0 (solved tokens) on the plot
     axes.set_yscale("symlog", linthresh=max(s["d_split"], 1e-4))
+    axes.set_ylim(bottom=0)  # δ ≥ 0: no negative half of the symlog axis
     axes.set_xlabel("normalized student entropy h = H(P_S) / ln|V|  (Eq. 2)")
     axes.set_ylabel("divergence δ = KL(P_S ‖ P_T), nats  (Eq. 3)")
     axes.set_title(f"token taxonomy: {s['tokens']} tokens, {s['split']} split")
