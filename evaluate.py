@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import multiprocessing
-import os
 import re
 import statistics
 import sys
@@ -230,22 +229,10 @@ def format_table(summary: dict) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in (head, ["---"] * len(head), row))
 
 
-def _write_atomically(path: str | Path, write) -> None:
-    """`write(tmp)` fills a temporary name beside `path`, which then replaces it: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: str | Path, payload) -> None:
     """`payload` as indented UTF-8 JSON at `path`, written atomically (the results of §7.1 and §4)."""
     text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
-    _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    tip.write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- the taxonomy of a pair (§4)
@@ -373,7 +360,7 @@ def plot_taxonomy(points: dict, report: dict, path: str | Path, max_points: int 
     axes.set_title(f"token taxonomy: {s['tokens']} tokens, {s['split']} split")
     axes.legend(loc="upper left", fontsize=7, markerscale=3)
     figure.tight_layout()
-    _write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    tip.write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     return True
 
 

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import shutil
 import re
 import sys
 from dataclasses import dataclass, field
@@ -177,6 +178,24 @@ def log(message: str) -> None:
     if rank() == 0:
         print(message, flush=True)
 
+
+
+def write_atomically(path: str | Path, write, folder: bool = False) -> None:
+    """`write(tmp)` fills a temporary file (or, with `folder`, a folder) beside `path`, which then takes its
+    place: a kill at any moment leaves the old `path` or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
+    try:
+        if folder:
+            tmp.mkdir()
+        write(tmp)
+        if path.is_dir():  # a folder cannot be replaced in one step: move the old one aside first
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 # --- the pair T, S_θ (§3): one tokenizer, logits = hidden @ headᵀ ---
 

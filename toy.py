@@ -36,13 +36,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import tip
 
 RECIPE_VERSION = 1  # bump when the code of the recipe changes in a way its fields do not show
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
@@ -234,7 +235,6 @@ def computed_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 def sft_batches(tokenizer, recipe: ToyRecipe, held_out: set[str], correct_share: float, stream: int, steps: int):
     """`steps` batches (ids, attention mask, labels, computed mask) of prompt-formatted solutions; labels are
     -100 off the response. A share `correct_share` of the solutions carry, the rest apply the misconception."""
-    import tip
     rng = random.Random(f"{recipe.seed}-sft-{stream}")
     for _ in range(steps):
         texts, prompt_lengths = [], []
@@ -331,19 +331,10 @@ def toy_world(cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_R
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (path / "world.json").exists() and not rebuild:
             return path  # built by another process while this one waited
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed build (we hold the lock)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the world from others sharing the cache
-        try:
-            log(f"building the toy world in {path}")
-            build_world(tmp, recipe, log)
-            if path.exists():  # a rebuild: move the old world aside first, a folder cannot be replaced
-                os.replace(path, tmp.with_name(tmp.name + "-old"))
-            os.replace(tmp, path)
-        finally:
-            for leftover in (tmp, tmp.with_name(tmp.name + "-old")):
-                shutil.rmtree(leftover, ignore_errors=True)
+        log(f"building the toy world in {path}")
+        tip.write_atomically(path, lambda tmp: build_world(tmp, recipe, log), folder=True)
     return path
 
 
@@ -395,7 +386,6 @@ def measure(folder: Path, samples: int = 1, seed: int = 0, log=print) -> dict:
     """
     import evaluate
     import score
-    import tip
     from rollout import generate_rollouts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

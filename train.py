@@ -27,7 +27,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -205,17 +204,6 @@ def full_state(student, optimizer):
     return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def write_atomically(folder: Path, write) -> None:
-    """write(tmp) fills a temporary folder, which then replaces `folder`: a kill never leaves half of one."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
 def save_checkpoint(run_dir: Path, step: int, student, tokenizer, optimizer, final: bool = False) -> None:
     """The student (save_pretrained, safetensors) with its tokenizer, and the training state. Collective."""
     model_state, optimizer_state = full_state(student, optimizer)
@@ -226,13 +214,13 @@ def save_checkpoint(run_dir: Path, step: int, student, tokenizer, optimizer, fin
             if not final:
                 torch.save(dict(step=step, optimizer=optimizer_state, torch_rng=torch.get_rng_state()),
                            tmp / "state.pt")
-        write_atomically(run_dir / ("final" if final else f"checkpoint-{step:06d}"), write)
+        tip.write_atomically(run_dir / ("final" if final else f"checkpoint-{step:06d}"), write, folder=True)
     if tip.is_distributed():
         dist.barrier()
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in run_dir.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "state.pt").exists())
+    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "state.pt").exists())
     return done[-1] if done else None
 
 
