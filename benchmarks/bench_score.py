@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common import current_rss_bytes, max_rss_bytes, gib, machine_line
+from common import require_positive, current_rss_bytes, max_rss_bytes, gib, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -252,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     cli = build_parser().parse_args()
-    for flag in ("rows", "vocab", "hidden", "chunk_size", "repeats"):
-        if getattr(cli, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cli, flag)}")
+    require_positive(cli, ("rows", "vocab", "hidden", "chunk_size", "repeats"))
     if cli.worker:
         run_variant(cli)
     else:

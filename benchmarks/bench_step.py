@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from common import current_rss_bytes, max_rss_bytes, reset_max_rss, gib, machine_line
+from common import require_positive, current_rss_bytes, max_rss_bytes, reset_max_rss, gib, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -311,9 +311,7 @@ if __name__ == "__main__":
     default_rollouts, default_length = DEFAULT_BATCH[cli.device]
     cli.rollouts = default_rollouts if cli.rollouts is None else cli.rollouts
     cli.response_len = default_length if cli.response_len is None else cli.response_len
-    for flag in ("hidden", "layers", "rollouts", "response_len", "chunk_size", "repeats"):
-        if getattr(cli, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cli, flag)}")
+    require_positive(cli, ("hidden", "layers", "rollouts", "response_len", "chunk_size", "repeats"))
     if cli.vocab < 2:
         raise SystemExit(f"--vocab must be at least 2, got {cli.vocab}")
     if cli.worker:

@@ -47,3 +47,10 @@ def machine_line(args) -> str:
         where = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return f"{where}; torch {torch.__version__}; load average (1/5/15 min) {load}"
+
+
+def require_positive(cli, flags) -> None:
+    """Stop with a clear message when a size flag is below 1."""
+    for flag in flags:
+        if getattr(cli, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cli, flag)}")
