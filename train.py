@@ -177,8 +177,9 @@ def step_prompts(step: int, num_prompts: int, config: tip.Config) -> list[int]:
 
 
 def shard_with_fsdp(model) -> None:
-    """FSDP2 on each decoder layer. The layers' reduce-scatter sums (divide factor 1): like the explicit
-    all-reduce of the replicated parameters, since the loss is already divided by the global kept count."""
+    """FSDP2 on each decoder layer. Each micro-batch's backward reduce-scatters the layers' gradients as a sum
+    (divide factor 1), which add up in the shards over micro-batches: like the explicit all-reduce of the
+    replicated parameters, since the loss is already divided by the global kept count."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
@@ -186,13 +187,6 @@ def shard_with_fsdp(model) -> None:
         layer.set_gradient_divide_factor(1.0)
         if hasattr(layer, "set_force_sum_reduction_for_comms"):  # plain SUM: gloo has no pre-multiplied sum
             layer.set_force_sum_reduction_for_comms(True)
-
-
-def set_gradient_sync(model, enabled: bool) -> None:
-    """FSDP2 layers reduce-scatter only in the last backward of a step; other parameters sync explicitly."""
-    for layer in model.model.layers:
-        if hasattr(layer, "set_requires_gradient_sync"):
-            layer.set_requires_gradient_sync(enabled, recurse=False)
 
 
 def full_state(student, optimizer):

@@ -63,7 +63,9 @@ def one_step(fsdp: bool = False) -> dict:
     # SGD at lr 1: the weights move by exactly the clipped gradient (Adam's first step, ≈ lr · sign(g),
     # would amplify float noise in near-zero gradient entries)
     optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
-    train.train_step(student, teacher, batch, optimizer, config(grad_clip=0.05), 0, None)
+    # FSDP2 also accumulates: its 3–4 rows per rank run as micro-batches of 2
+    train.train_step(student, teacher, batch, optimizer, config(grad_clip=0.05, micro_batch_size=2 if fsdp else 64),
+                     0, None)
     return {name: value.detach().clone() for name, value in train.full_state(student, optimizer)[0].items()}
 
 
