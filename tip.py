@@ -179,7 +179,6 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-
 def write_atomically(path: str | Path, write, folder: bool = False) -> None:
     """`write(tmp)` fills a temporary file (or, with `folder`, a folder) beside `path`, which then takes its
     place: a kill at any moment leaves the old `path` or the new one, never half of one."""
@@ -196,6 +195,7 @@ def write_atomically(path: str | Path, write, folder: bool = False) -> None:
     finally:
         for leftover in (tmp, old):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
 
 # --- the pair T, S_θ (§3): one tokenizer, logits = hidden @ headᵀ ---
 
