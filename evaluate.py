@@ -209,7 +209,7 @@ def run_benchmark(problems: list[dict], prompts: list[str], generate, samples: i
 
 
 def model_generator(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                    batch_size: int):
+                    batch_size: int | None):
     """`generate(prompts, n)` for run_benchmark: rollouts y ~ S(·|x) (§3), temperature 0 = greedy, seed + call."""
     from rollout import generate_rollouts
     calls = iter(range(1 << 62))
@@ -375,11 +375,10 @@ def load_model(name: str, device, dtype: str = "auto", toy_dir: str = ""):
         name = str(Path(toy.toy_world(toy_dir or None)) / name.split("-")[1])
     online = not tip._looks_local(name) and tip.hub_reachable()
     path, load = tip._resolve_model(name, "model", online), dict(local_files_only=not online)
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **load)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **load).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=tip.torch_dtype(dtype, device), **load)
+        model = model.to(device).eval()
     except OSError as error:
         raise ValueError(f"model {name!r} could not be loaded ({error}); offline, pass a local folder") from error
     return model, tokenizer

@@ -287,6 +287,13 @@ def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     return captured[0]
 
 
+def torch_dtype(dtype: str | torch.dtype, device) -> torch.dtype:
+    """"auto" is bf16 on GPU and fp32 on CPU; a name such as "bfloat16" or a torch.dtype is taken as given."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_pair(teacher: str, student: str, device, dtype="auto", toy_dir: str | None = None):
     """(teacher T, student S_θ, tokenizer) of §3 from local folders or hub ids; both empty = the toy pair.
     T is frozen (eval mode, no grads); "auto" dtype is bf16 on GPU, fp32 on CPU. Paths, hub, tokenizers and
@@ -310,9 +317,7 @@ def load_pair(teacher: str, student: str, device, dtype="auto", toy_dir: str | N
                          f"token by token; use a pair of one model family")
     for role, path in paths.items():
         _check_logit_config(AutoConfig.from_pretrained(path, **load), f"{role} {path!r}")
-    if dtype == "auto":
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype, device)
     models = {role: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load).to(device)
               for role, path in paths.items()}
     for model in models.values():

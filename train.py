@@ -250,19 +250,18 @@ def held_out_problems(config: tip.Config, tokenizer) -> list[dict]:
 
 
 def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Config, seed: int) -> float:
-    """mean@k accuracy on held-out problems at the rollout temperature, this rank's share, summed over ranks."""
-    from evaluate import is_correct
+    """evaluate.py's mean@k on the held-out problems at the rollout temperature; ranks share the problems."""
+    import evaluate
 
     mine = problems[tip.rank()::tip.world_size()]
     correct = 0.0
-    for start in range(0, len(mine), config.micro_batch_size):
-        chunk = mine[start:start + config.micro_batch_size]
-        rollouts = generate_rollouts(student, tokenizer, [p["prompt"] for p in chunk], config.eval_samples,
-                                     config.max_response_len, config.temperature, config.top_p, seed=seed + start)
-        correct += sum(is_correct(text, chunk[int(i)]["answer"])
-                       for text, i in zip(rollouts.texts, rollouts.prompt_index))
-    total = all_reduce_sum([correct], next(student.parameters()).device)[0]
-    return total / max(1, len(problems) * config.eval_samples)
+    if mine:
+        generate = evaluate.model_generator(student, tokenizer, config.max_response_len, config.temperature,
+                                            config.top_p, seed, batch_size=None)
+        summary, _ = evaluate.run_benchmark(mine, [p["prompt"] for p in mine], generate, config.eval_samples,
+                                            config.micro_batch_size * config.eval_samples, show_progress=False)
+        correct = summary["accuracy"] * len(mine)
+    return all_reduce_sum([correct], next(student.parameters()).device)[0] / max(1, len(problems))
 
 
 def parse_config(argv: list[str] | None = None) -> tip.Config:
