@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import multiprocessing
 import re
@@ -136,15 +137,47 @@ def read_local(data: str) -> list[dict]:
     return _problems(rows, f"benchmark file {data!r}")
 
 
-def load_problems(benchmark: str | None, data: str | None = None, toy_dir: str | None = None) -> list[dict]:
-    """[{"problem", "answer"}] of a named benchmark (hub, or the toy's held-out test split) or of `data`."""
+# ---------------------------------------------------------------- the built-in worlds
+
+# Each is a module of its own, `<name>.py`, with `<name>_world(cache_dir) -> folder` (teacher/ and student/,
+# built on first use and cached) and `<name>_problems(split, cache_dir) -> [{"problem", "answer"}]`.
+WORLDS = ("toy", "facts")
+
+
+def world_folder(name: str, cache_dir: str = "") -> Path:
+    """The folder of built-in world `name`: teacher/, student/ and its splits."""
+    return Path(getattr(importlib.import_module(name), f"{name}_world")(cache_dir or None))
+
+
+def world_problems(name: str, split: str, cache_dir: str = "") -> list[dict]:
+    """[{"problem", "answer"}] of a split of built-in world `name`."""
+    return getattr(importlib.import_module(name), f"{name}_problems")(split, cache_dir or None)
+
+
+def load_pair(config: tip.Config, device):
+    """tip.load_pair of --teacher/--student; with neither, the pair of the built-in world named by --prompts
+    (the toy world unless --prompts names another)."""
+    teacher, student = config.teacher, config.student
+    if not teacher and not student:
+        folder = world_folder(config.prompts if config.prompts in WORLDS else "toy", config.world_dir)
+        teacher, student = str(folder / "teacher"), str(folder / "student")
+    return tip.load_pair(teacher, student, device, config.dtype)
+
+
+def load_prompts(config: tip.Config, tokenizer) -> list[dict]:
+    """tip.load_prompts, with a built-in world's train split when --prompts names one."""
+    problems = world_problems(config.prompts, "train", config.world_dir) if config.prompts in WORLDS else None
+    return tip.load_prompts(config, tokenizer, problems)
+
+
+def load_problems(benchmark: str | None, data: str | None = None, world_dir: str = "") -> list[dict]:
+    """[{"problem", "answer"}] of a named benchmark (hub, or a built-in world's held-out test split) or of `data`."""
     if data:
         return read_local(data)
-    if benchmark == "toy":
-        import toy
-        return _problems(toy.toy_problems("test", toy_dir or None), "the toy test split")
+    if benchmark in WORLDS:
+        return _problems(world_problems(benchmark, "test", world_dir), f"the {benchmark} test split")
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}: choose {', '.join([*BENCHMARKS, 'toy'])} or pass --data")
+        raise ValueError(f"unknown benchmark {benchmark!r}: choose {', '.join([*BENCHMARKS, *WORLDS])} or pass --data")
     repo, split, size = BENCHMARKS[benchmark]
     hint = (f"pass a local copy with --data FILE (.jsonl/.parquet with `problem` and `answer` columns); where "
             f"there is network: `hf download {repo} --repo-type dataset --local-dir DIR`, then --data DIR/<file>")
@@ -366,13 +399,13 @@ def plot_taxonomy(points: dict, report: dict, path: str | Path, max_points: int 
 
 # ---------------------------------------------------------------- command line
 
-def load_model(name: str, device, dtype: str = "auto", toy_dir: str = ""):
-    """(model, tokenizer) to evaluate (§7.1) from a folder or hub id; `toy-teacher` / `toy-student` name the toy
-    pair. Paths and the offline hub are checked as tip.load_pair checks them."""
+def load_model(name: str, device, dtype: str = "auto", world_dir: str = ""):
+    """(model, tokenizer) to evaluate (§7.1) from a folder or hub id; `toy-teacher`, `facts-student`, … name a
+    built-in world's pair. Paths and the offline hub are checked as tip.load_pair checks them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name in ("toy-teacher", "toy-student") and not Path(name).exists():
-        import toy
-        name = str(Path(toy.toy_world(toy_dir or None)) / name.split("-")[1])
+    world, _, role = name.partition("-")
+    if world in WORLDS and role in ("teacher", "student") and not Path(name).exists():
+        name = str(world_folder(world, world_dir) / role)
     online = not tip._looks_local(name) and tip.hub_reachable()
     path, load = tip._resolve_model(name, "model", online), dict(local_files_only=not online)
     try:
@@ -387,8 +420,9 @@ def load_model(name: str, device, dtype: str = "auto", toy_dir: str = ""):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--model", default="", help="model to evaluate: folder, hub id, or toy-teacher / toy-student")
-    add("--benchmark", choices=[*BENCHMARKS, "toy"], help="named benchmark (hub datasets; toy = its test split)")
+    add("--model", default="", help="model to evaluate: folder, hub id, or toy-teacher / facts-student / …")
+    add("--benchmark", choices=[*BENCHMARKS, *WORLDS], help="named benchmark (hub datasets; a built-in world = "
+        "its test split)")
     add("--data", default="", help="local .jsonl/.parquet with problem and answer columns (instead of the hub)")
     add("--samples", type=int, default=None, help="samples per problem k of mean@k (default 16; taxonomy: 4)")
     add("--greedy", action="store_true", help="greedy decoding, one sample: pass@1")
@@ -402,11 +436,12 @@ def main(argv: list[str] | None = None) -> None:
     add("--save-responses", action="store_true", help="keep every full response in the JSON")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     add("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto: bf16 on GPU")
-    add("--toy-dir", default="", help="toy world cache folder (default $TIP_CACHE or ~/.cache/tip)")
+    add("--world-dir", default="", help="built-in worlds' cache folder (default $TIP_CACHE or ~/.cache/tip)")
     add("--taxonomy", action="store_true", help="report the quadrants of §4 for a teacher/student pair")
     add("--teacher", default="", help="taxonomy: teacher folder or hub id (both empty = the toy pair)")
     add("--student", default="", help="taxonomy: student folder or hub id")
-    add("--prompts", default="toy", help="taxonomy: 'toy', a hub prompt set, or a local file (as train.py)")
+    add("--prompts", default="toy", help="taxonomy: a built-in world (toy, facts), a hub prompt set, or a local "
+        "file (as train.py)")
     add("--prompt-split", default="train", help="taxonomy: split of a hub prompt set")
     add("--prompt-subset", default="", help="taxonomy: configuration of a hub prompt set (e.g. en)")
     add("--h-split", type=float, default=None, help="taxonomy: entropy boundary on h in [0, 1] (default median)")
@@ -421,17 +456,18 @@ def main(argv: list[str] | None = None) -> None:
     temperature = 0.0 if args.greedy else args.temperature
     try:
         if args.taxonomy:
-            config = tip.Config(teacher=args.teacher, student=args.student, prompts=args.prompts, toy_dir=args.toy_dir,
-                                prompt_split=args.prompt_split, prompt_subset=args.prompt_subset)
-            teacher, student, tokenizer = tip.load_pair(args.teacher, args.student, args.device, args.dtype,
-                                                        toy_dir=args.toy_dir or None)
-            prompts = [p["prompt"] for p in tip.load_prompts(config, tokenizer)][:args.problems or 16]
+            config = tip.Config(teacher=args.teacher, student=args.student, prompts=args.prompts, dtype=args.dtype,
+                                world_dir=args.world_dir, prompt_split=args.prompt_split,
+                                prompt_subset=args.prompt_subset)
+            teacher, student, tokenizer = load_pair(config, args.device)
+            prompts = [p["prompt"] for p in load_prompts(config, tokenizer)][:args.problems or 16]
             report, points = taxonomy(teacher, student, tokenizer, prompts, samples,
-                                      args.max_new_tokens or (48 if args.prompts == "toy" else 8192), temperature,
+                                      args.max_new_tokens or (48 if args.prompts in WORLDS else 8192), temperature,
                                       args.top_p, args.seed, args.batch_size, args.chunk_size, args.h_split,
                                       args.d_split, args.examples)
-            report["summary"].update(teacher=args.teacher or "toy teacher", student=args.student or "toy student",
-                                     prompt_source=args.prompts)
+            world = args.prompts if args.prompts in WORLDS else "toy"
+            report["summary"].update(teacher=args.teacher or f"{world} teacher", student=args.student or
+                                     f"{world} student", prompt_source=args.prompts)
             out = Path(args.out or "taxonomy.json")
             write_json(out, report)
             print(format_taxonomy(report))
@@ -442,9 +478,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not args.model or not (args.benchmark or args.data):
             parser.error("pass --model and --benchmark (or --data), or --taxonomy")
-        problems = load_problems(args.benchmark, args.data, args.toy_dir)[:args.problems or None]
-        model, tokenizer = load_model(args.model, args.device, args.dtype, args.toy_dir)
-        bare = args.benchmark == "toy"  # the toy models were trained on bare problems, whatever the source
+        problems = load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
+        model, tokenizer = load_model(args.model, args.device, args.dtype, args.world_dir)
+        bare = args.benchmark in WORLDS  # the worlds' models were trained on bare problems, whatever the source
         max_new_tokens = args.max_new_tokens or (48 if bare else 8192)
         generate = model_generator(model, tokenizer, max_new_tokens, temperature, args.top_p, args.seed,
                                    args.batch_size)

@@ -44,8 +44,8 @@ class Config:
     # --- the pair and the data (§7.1) ---
     teacher: str = _arg("", "teacher model: local folder or hub id; empty = the built-in toy teacher")
     student: str = _arg("", "student model: local folder or hub id; empty = the built-in toy student")
-    prompts: str = _arg("", "prompt source: 'toy', a hub dataset name, or a local .jsonl/.json/.parquet file "
-                        "(the toy preset uses 'toy'; a real pair needs one)")
+    prompts: str = _arg("", "prompt source: a built-in world ('toy', 'facts'), a hub dataset name, or a local "
+                        ".jsonl/.json/.parquet file (the toy preset uses 'toy'; a real pair needs one)")
     prompt_split: str = _arg("train", "split of a hub prompt set to read (a local file is one split)")
     prompt_subset: str = _arg("", "configuration (subset) of a hub prompt set, e.g. 'en' for "
                               "open-r1/DAPO-Math-17k-Processed; empty = its default")
@@ -54,7 +54,7 @@ class Config:
                              "first of answer/solution/reward_model.ground_truth; a.b reads field b of column a")
     math_instruction: bool = _arg(True, "append the paper's instruction to reason step by step and answer in "
                                   "\\boxed{} to dataset prompts that do not already ask for \\boxed{}")
-    toy_dir: str = _arg("", "where the toy world is cached; empty = $TIP_CACHE or ~/.cache/tip")
+    world_dir: str = _arg("", "where the built-in worlds are cached; empty = $TIP_CACHE or ~/.cache/tip")
     # --- selection (§4–6) ---
     rule: str = _arg("type_aware", "token selection rule (select.py RULES); type_aware is the paper's Soft-OR")
     ratio: float = _arg(0.0, "kept fraction rho per rollout in (0, 1]; 0 = the rule's default (PAPER.md §5)")
@@ -294,18 +294,14 @@ def torch_dtype(dtype: str | torch.dtype, device) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def load_pair(teacher: str, student: str, device, dtype="auto", toy_dir: str | None = None):
-    """(teacher T, student S_θ, tokenizer) of §3 from local folders or hub ids; both empty = the toy pair.
-    T is frozen (eval mode, no grads); "auto" dtype is bf16 on GPU, fp32 on CPU. Paths, hub, tokenizers and
-    logit transforms are checked before any weight is read. Heads of different widths are allowed: scores
-    use the shared first min(V_s, V_t) rows (PAPER.md §6, Qwen2.5 14B → 1.5B)."""
+def load_pair(teacher: str, student: str, device, dtype="auto"):
+    """(teacher T, student S_θ, tokenizer) of §3 from local folders or hub ids. T is frozen (eval mode, no
+    grads); "auto" dtype is bf16 on GPU, fp32 on CPU. Paths, hub, tokenizers and logit transforms are checked
+    before any weight is read. Heads of different widths are allowed: scores use the shared first
+    min(V_s, V_t) rows (Qwen2.5 14B → 1.5B)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    if not teacher and not student:
-        import toy
-        world = Path(toy.toy_world(toy_dir or None))
-        teacher, student = str(world / "teacher"), str(world / "student")
-    elif not teacher or not student:
-        raise ValueError("pass both --teacher and --student, or neither for the built-in toy pair")
+    if not teacher or not student:
+        raise ValueError("pass both --teacher and --student, or neither for a built-in world's pair")
     online = not all(map(_looks_local, (teacher, student))) and hub_reachable()
     paths = {role: _resolve_model(name, role, online) for role, name in (("teacher", teacher), ("student", student))}
     load = dict(local_files_only=not online)
@@ -416,15 +412,15 @@ def _load_dataset(config):
         raise
 
 
-def load_prompts(config: Config, tokenizer) -> list[dict]:
+def load_prompts(config: Config, tokenizer, problems: list[dict] | None = None) -> list[dict]:
     """The prompts x of §3, [{"prompt": formatted text, "answer": str | None}], deduplicated (§7.1), from
-    "toy" (the toy train split, bare problems as the toy models learned them), a local .jsonl/.json/.parquet
-    file or a hub prompt set. Dataset prompts get MATH_INSTRUCTION unless they already ask for \\boxed{} or
-    --no-math-instruction is given. Prompts over `config.max_prompt_len` tokens are dropped and counted."""
+    `problems` (a built-in world's [{"problem", "answer"}], asked bare, as its models learned them) or else
+    `config.prompts`: a local .jsonl/.json/.parquet file or a hub prompt set. Dataset prompts get
+    MATH_INSTRUCTION unless they already ask for \\boxed{} or --no-math-instruction is given. Prompts over
+    `config.max_prompt_len` tokens are dropped and counted."""
     source = config.prompts
-    if source == "toy":
-        import toy
-        rows = [(p["problem"], p["answer"]) for p in toy.toy_problems("train", config.toy_dir or None)]
+    if problems is not None:
+        rows = [(p["problem"], p["answer"]) for p in problems]
     else:
         dataset, fields = _load_dataset(config), {}
         columns = f"columns: {', '.join(dataset.column_names)}"

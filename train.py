@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import evaluate
 import score
 import tip
 from rollout import generate_rollouts
@@ -240,19 +241,15 @@ def resume_from(checkpoint: Path, student, optimizer) -> int:
 
 
 def held_out_problems(config: tip.Config, tokenizer) -> list[dict]:
-    """The toy task's held-out split for the in-training evaluation; other prompt sets use evaluate.py."""
-    if config.prompts != "toy" or not config.eval_problems:
+    """A built-in world's held-out split for the in-training evaluation; other prompt sets use evaluate.py."""
+    if config.prompts not in evaluate.WORLDS or not config.eval_problems:
         return []
-    import toy
-
     return [{"prompt": tip.format_prompt(tokenizer, p["problem"]), "answer": p["answer"]}
-            for p in toy.toy_problems("test", config.toy_dir or None)[:config.eval_problems]]
+            for p in evaluate.world_problems(config.prompts, "test", config.world_dir)[:config.eval_problems]]
 
 
 def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Config, seed: int) -> float:
     """evaluate.py's mean@k on the held-out problems at the rollout temperature; ranks share the problems."""
-    import evaluate
-
     mine = problems[tip.rank()::tip.world_size()]
     correct = 0.0
     if mine:
@@ -292,10 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(config.seed)  # the same on every rank: initialisation must agree
     run_dir = Path(config.out_dir) / (config.run_name or f"{config.rule}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    teacher, student, tokenizer = tip.load_pair(config.teacher, config.student, device, config.dtype,
-                                                toy_dir=config.toy_dir or None)
+    teacher, student, tokenizer = evaluate.load_pair(config, device)
     student.float()  # fp32 master weights: a 1e-6 AdamW update vanishes in bf16; compute is bf16 autocast
-    prompts = tip.load_prompts(config, tokenizer)
+    prompts = evaluate.load_prompts(config, tokenizer)
     eval_problems = held_out_problems(config, tokenizer)
     if config.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has only the old name
         if hasattr(student, "activation_checkpointing_enable"):
@@ -379,9 +375,7 @@ def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problem
 
 
 def is_correct_or_none(text: str, answer: str | None) -> float | None:
-    from evaluate import is_correct
-
-    return None if answer is None else float(is_correct(text, answer))
+    return None if answer is None else float(evaluate.is_correct(text, answer))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -1,13 +1,16 @@
 """evaluate.py: the grader, mean@k, benchmark loading, the CLI and the taxonomy of a pair (§4, §7.1)."""
 import json
 import math
+import sys
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import evaluate
+import tip
 from evaluate import extract_boxed, is_correct
 
 
@@ -261,6 +264,33 @@ def test_toy_benchmark_is_the_held_out_split_asked_bare(tiny_pair):
     assert bare[0] == tokenizer.apply_chat_template([{"role": "user", "content": problems[0]["problem"]}],
                                                     tokenize=False, add_generation_prompt=True)
     assert "\\boxed{}" in math[0] and "step by step" in math[0] and problems[0]["problem"] in math[0]
+
+
+@pytest.mark.parametrize("name", evaluate.WORLDS)
+def test_a_world_named_by_prompts_gives_the_pair_train_prompts_and_test_problems(name, tiny_pair, monkeypatch):
+    """No --teacher/--student: the pair, the prompts and the held-out problems all come from the world that
+    --prompts names, through its module's <name>_world and <name>_problems, with the cache folder passed on."""
+    calls = []
+    world = types.ModuleType(name)
+    setattr(world, f"{name}_world", lambda cache_dir=None: calls.append(("world", cache_dir)) or tiny_pair)
+    setattr(world, f"{name}_problems", lambda split, cache_dir=None: calls.append((split, cache_dir)) or [
+        {"problem": f"{split} 1+2", "answer": "3"}])
+    monkeypatch.setitem(sys.modules, name, world)
+    config = tip.Config(prompts=name, world_dir="CACHE")
+    teacher, student, tokenizer = evaluate.load_pair(config, "cpu")
+    assert tip.lm_head_weight(teacher).shape[1] == 48 and tip.lm_head_weight(student).shape[1] == 32
+    prompts = evaluate.load_prompts(config, tokenizer)
+    assert prompts == [{"prompt": tip.format_prompt(tokenizer, "train 1+2"), "answer": "3"}]
+    assert evaluate.load_problems(name, world_dir="CACHE") == [{"problem": "test 1+2", "answer": "3"}]
+    assert calls == [("world", "CACHE"), ("train", "CACHE"), ("test", "CACHE")]
+    model, _ = evaluate.load_model(f"{name}-student", "cpu", world_dir="CACHE")
+    assert tip.lm_head_weight(model).shape[1] == 32
+
+
+def test_a_hub_pair_is_loaded_as_given_whatever_the_prompts(tiny_pair):
+    config = tip.Config(teacher=str(tiny_pair / "teacher"), student=str(tiny_pair / "student"), prompts="toy")
+    teacher, student, _ = evaluate.load_pair(config, "cpu")
+    assert tip.lm_head_weight(teacher).shape[1] == 48 and tip.lm_head_weight(student).shape[1] == 32
 
 
 # ---------------------------------------------------------------- the taxonomy of a pair

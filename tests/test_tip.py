@@ -211,18 +211,9 @@ def test_load_prompts_errors_name_the_source(tmp_path, tokenizer, monkeypatch):
         tip.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
 
 
-def test_empty_names_mean_the_toy_world(folders, tokenizer, monkeypatch, tmp_path):
-    calls = []
-    toy = types.ModuleType("toy")
-    toy.toy_world = lambda cache_dir=None: calls.append(("world", cache_dir)) or folders
-    toy.toy_problems = lambda split, cache_dir=None: calls.append((split, cache_dir)) or [
-        {"problem": "1+2", "answer": "3"}]
-    monkeypatch.setitem(sys.modules, "toy", toy)
-    teacher, student, _ = tip.load_pair("", "", "cpu", toy_dir=str(tmp_path))
-    assert tip.lm_head_weight(teacher).shape == (96, 48) and tip.lm_head_weight(student).shape == (88, 32)
-    prompts = tip.load_prompts(tip.Config(prompts="toy", toy_dir=str(tmp_path)), tokenizer)
+def test_built_in_world_problems_are_asked_bare(tokenizer):
+    prompts = tip.load_prompts(tip.Config(prompts="toy"), tokenizer, [{"problem": "1+2", "answer": 3}])
     assert prompts == [{"prompt": tip.format_prompt(tokenizer, "1+2"), "answer": "3"}]  # bare, as trained
-    assert calls == [("world", str(tmp_path)), ("train", str(tmp_path))]
 
 
 def test_prompt_flags_on_the_command_line():

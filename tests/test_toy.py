@@ -205,8 +205,9 @@ def test_measure_and_the_command_line_on_a_miniature_world(tmp_path, monkeypatch
                  "student_test_t1", "student_trigger_t1"):
         assert 0 <= report[name] <= 1
     assert report["tokens"] > 0 and report["built_now"]
-    assert sum(q["token_share"] for q in report["quadrants"].values()) == pytest.approx(1.0)
-    assert sum(q["kl_mass_share"] for q in report["quadrants"].values()) == pytest.approx(1.0)
+    # the report rounds each share to 4 decimals
+    assert sum(q["token_share"] for q in report["quadrants"].values()) == pytest.approx(1.0, abs=5e-4)
+    assert sum(q["kl_mass_share"] for q in report["quadrants"].values()) == pytest.approx(1.0, abs=5e-4)
     assert -1 <= report["rank_correlation_entropy_kl"] <= 1
     assert set(report["targets_met"]) == set(toy.TARGETS)
     assert "student_test_t1" in capsys.readouterr().out
