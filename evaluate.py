@@ -106,15 +106,15 @@ BENCHMARKS = {
 
 def _problems(rows: list[dict], source: str) -> list[dict]:
     if not rows:
-        raise ValueError(f"{source} is empty: it needs rows with `problem` and `answer`")
+        raise tip.InputError(f"{source} is empty: it needs rows with `problem` and `answer`")
     for i, row in enumerate(rows):
         missing = [c for c in ("problem", "answer") if not isinstance(row, dict) or c not in row]
         if missing:
-            raise ValueError(f"{source}: row {i} has no {' or '.join(missing)} column (it has: "
+            raise tip.InputError(f"{source}: row {i} has no {' or '.join(missing)} column (it has: "
                              f"{', '.join(map(str, row)) if isinstance(row, dict) else repr(row)}); a benchmark "
                              "needs `problem` and `answer`")
         if row["answer"] is None or not str(row["answer"]).strip():
-            raise ValueError(f"{source}: row {i} has an empty answer; every problem needs its reference answer")
+            raise tip.InputError(f"{source}: row {i} has an empty answer; every problem needs its reference answer")
     return [{"problem": str(row["problem"]), "answer": str(row["answer"]).strip()} for row in rows]
 
 
@@ -122,10 +122,10 @@ def read_local(data: str) -> list[dict]:
     """Problems from a local .jsonl or .parquet file with `problem` and `answer` columns."""
     path = Path(data).expanduser()
     if not path.is_file():
-        raise ValueError(f"benchmark file {data!r} does not exist")
+        raise tip.InputError(f"benchmark file {data!r} does not exist")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"benchmark file {data!r}: expected .jsonl or .parquet")
+        raise tip.InputError(f"benchmark file {data!r}: expected .jsonl or .parquet")
     try:
         if suffix == ".parquet":
             import pyarrow.parquet
@@ -133,7 +133,7 @@ def read_local(data: str) -> list[dict]:
         else:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except Exception as error:
-        raise ValueError(f"benchmark file {data!r} could not be read: {type(error).__name__}: {error}") from error
+        raise tip.InputError(f"benchmark file {data!r} could not be read: {type(error).__name__}: {error}") from error
     return _problems(rows, f"benchmark file {data!r}")
 
 
@@ -152,6 +152,21 @@ def world_folder(name: str, cache_dir: str = "") -> Path:
 def world_problems(name: str, split: str, cache_dir: str = "") -> list[dict]:
     """[{"problem", "answer"}] of a split of built-in world `name`."""
     return getattr(importlib.import_module(name), f"{name}_problems")(split, cache_dir or None)
+
+
+def world_mistake_mask(name: str, tokenizer, rollouts, prompt_texts: list[str]) -> torch.Tensor | None:
+    """[B, L] bool: the response tokens where the student writes built-in world `name`'s known mistake (its
+    `<name>_mistake_positions(prompt_text, response_tokens)`); None for a prompt set that is no such world."""
+    module = importlib.import_module(name) if name in WORLDS else None
+    find = getattr(module, f"{name}_mistake_positions", None)
+    if find is None:
+        return None
+    mask = torch.zeros_like(rollouts.response_mask, dtype=torch.bool)
+    for row, (ids, sampled) in enumerate(zip(rollouts.input_ids, rollouts.response_mask)):
+        columns = sampled.nonzero().squeeze(1)
+        tokens = tokenizer.convert_ids_to_tokens(ids[columns].tolist())
+        mask[row, columns[find(prompt_texts[int(rollouts.prompt_index[row])], tokens)]] = True
+    return mask
 
 
 def load_pair(config: tip.Config, device):
@@ -177,19 +192,19 @@ def load_problems(benchmark: str | None, data: str | None = None, world_dir: str
     if benchmark in WORLDS:
         return _problems(world_problems(benchmark, "test", world_dir), f"the {benchmark} test split")
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}: choose {', '.join([*BENCHMARKS, *WORLDS])} or pass --data")
+        raise tip.InputError(f"unknown benchmark {benchmark!r}: choose {', '.join([*BENCHMARKS, *WORLDS])} or pass --data")
     repo, split, size = BENCHMARKS[benchmark]
     hint = (f"pass a local copy with --data FILE (.jsonl/.parquet with `problem` and `answer` columns); where "
             f"there is network: `hf download {repo} --repo-type dataset --local-dir DIR`, then --data DIR/<file>")
     offline = tip._env_flag("HF_HUB_OFFLINE") or tip._env_flag("HF_DATASETS_OFFLINE")
     if not offline and not tip.hub_reachable():
-        raise ValueError(f"benchmark {benchmark} ({repo}): the hub is unreachable: {hint}")
+        raise tip.InputError(f"benchmark {benchmark} ({repo}): the hub is unreachable: {hint}")
     import datasets
     try:  # offline, datasets reads its local cache only
         rows = datasets.load_dataset(repo, split=split).to_list()
     except Exception as error:
         where = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and not in the local datasets cache, " if offline else ""
-        raise ValueError(f"benchmark {benchmark} ({repo}) could not be loaded ({where}{type(error).__name__}: "
+        raise tip.InputError(f"benchmark {benchmark} ({repo}) could not be loaded ({where}{type(error).__name__}: "
                          f"{str(error)[:300]}): {hint}") from error
     if len(rows) != size:
         print(f"note: {repo} has {len(rows)} problems, the paper's benchmark has {size}")
@@ -413,7 +428,7 @@ def load_model(name: str, device, dtype: str = "auto", world_dir: str = ""):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=tip.torch_dtype(dtype, device), **load)
         model = model.to(device).eval()
     except OSError as error:
-        raise ValueError(f"model {name!r} could not be loaded ({error}); offline, pass a local folder") from error
+        raise tip.InputError(f"model {name!r} could not be loaded ({error}); offline, pass a local folder") from error
     return model, tokenizer
 
 
@@ -494,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out, {"summary": summary, "problems": results})
         print(format_table(summary))
         print(f"\nresults: {out}")
-    except ValueError as error:
+    except tip.InputError as error:
         sys.exit(f"error: {error}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import re
@@ -32,6 +33,11 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent
+
+
+class InputError(ValueError):
+    """A user's input is wrong (a path, a flag, a file): the message names the problem and the fix. The scripts
+    print it alone, without a traceback, and exit non-zero."""
 
 
 def _arg(default, help: str, choices=None):
@@ -52,12 +58,17 @@ class Config:
     prompt_field: str = _arg("", "column holding the prompt text; empty = the first of prompt/problem/question")
     answer_field: str = _arg("", "column holding the reference answer (for rollout accuracy); empty = the "
                              "first of answer/solution/reward_model.ground_truth; a.b reads field b of column a")
+    chat_template_kwargs: str = _arg('{"enable_thinking": false}', "JSON object of chat-template switches for "
+                                     "every prompt, e.g. Qwen3's enable_thinking (off, as the paper's base code "
+                                     "runs Qwen3; templates without the switch ignore it)")
     math_instruction: bool = _arg(True, "append the paper's instruction to reason step by step and answer in "
                                   "\\boxed{} to dataset prompts that do not already ask for \\boxed{}")
     world_dir: str = _arg("", "where the built-in worlds are cached; empty = $TIP_CACHE or ~/.cache/tip")
     # --- selection (§4–6) ---
     rule: str = _arg("type_aware", "token selection rule (select.py RULES); type_aware is the paper's Soft-OR")
     ratio: float = _arg(0.0, "kept fraction rho per rollout in (0, 1]; 0 = the rule's default (PAPER.md §5)")
+    exclude_mistakes: bool = _arg(False, "the exclusion control: never keep the tokens of a built-in world's known "
+                                  "mistake (its <world>_mistake_positions), to test whether only they can fix it")
     divergence: str = _arg("reverse_kl", "training loss: reverse_kl (Eqs. 1/9), forward_kl, or jsd",
                            ["reverse_kl", "forward_kl", "jsd"])
     jsd_beta: float = _arg(0.5, "beta of the generalized JSD loss (0 = forward KL, 1 = reverse KL)")
@@ -231,11 +242,11 @@ def _looks_local(name: str) -> bool:
 def _resolve_model(name: str, role: str, online: bool) -> str:
     import huggingface_hub
     if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise ValueError(f"{role} path {name!r} does not exist (or is not a folder)")
+        raise InputError(f"{role} path {name!r} does not exist (or is not a folder)")
     if _looks_local(name):
         return str(Path(name).expanduser())
     if not online and not isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
-        raise ValueError(f"{role} {name!r} is a hub id, but the hub is offline (HF_HUB_OFFLINE=1 or no network) and "
+        raise InputError(f"{role} {name!r} is a hub id, but the hub is offline (HF_HUB_OFFLINE=1 or no network) and "
                          f"it is not cached: pass a local folder (`hf download {name} --local-dir DIR` elsewhere)")
     return name
 
@@ -245,7 +256,7 @@ def _check_logit_config(config, name: str) -> None:
     for attr in _LOGIT_TRANSFORMS:
         value = getattr(text_config, attr, None)
         if value is not None and (attr == "final_logit_softcapping" or value != 1):
-            raise ValueError(f"{name}: logits are transformed after the head ({attr}={value}), but TIP scores "
+            raise InputError(f"{name}: logits are transformed after the head ({attr}={value}), but TIP scores "
                              f"tokens from hidden @ headᵀ (Eqs. 1–3); this model family is not supported")
 
 
@@ -257,7 +268,7 @@ def check_head(model: torch.nn.Module) -> None:
     _check_logit_config(model.config, name)
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{name}: TIP needs an LM head without a bias, logits = hidden @ headᵀ (Eqs. 1–3)")
+        raise InputError(f"{name}: TIP needs an LM head without a bias, logits = hidden @ headᵀ (Eqs. 1–3)")
 
 
 def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -301,14 +312,14 @@ def load_pair(teacher: str, student: str, device, dtype="auto"):
     min(V_s, V_t) rows (Qwen2.5 14B → 1.5B)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if not teacher or not student:
-        raise ValueError("pass both --teacher and --student, or neither for a built-in world's pair")
+        raise InputError("pass both --teacher and --student, or neither for a built-in world's pair")
     online = not all(map(_looks_local, (teacher, student))) and hub_reachable()
     paths = {role: _resolve_model(name, role, online) for role, name in (("teacher", teacher), ("student", student))}
     load = dict(local_files_only=not online)
     tokenizer = AutoTokenizer.from_pretrained(paths["student"], **load)
     teacher_tokenizer = AutoTokenizer.from_pretrained(paths["teacher"], **load)
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"teacher {teacher!r} and student {student!r} have different tokenizers "
+        raise InputError(f"teacher {teacher!r} and student {student!r} have different tokenizers "
                          f"({len(teacher_tokenizer)} vs {len(tokenizer)} tokens): Eqs. 1–3 compare distributions "
                          f"token by token; use a pair of one model family")
     for role, path in paths.items():
@@ -336,12 +347,24 @@ _DAPO_WRAPPER = re.compile(r"^Solve the following math problem step by step\. Th
 PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "problem", "question"), ("answer", "solution", "reward_model.ground_truth")
 
 
-def format_prompt(tokenizer, text: str) -> str:
+def template_switches(config: Config) -> dict:
+    """`config.chat_template_kwargs` as a dict, or an InputError that shows the expected form."""
+    try:
+        switches = json.loads(config.chat_template_kwargs or "{}")
+    except json.JSONDecodeError as error:
+        switches = error
+    if not isinstance(switches, dict):
+        raise InputError(f"--chat-template-kwargs {config.chat_template_kwargs!r} is not a JSON object; write it "
+                         """like '{"enable_thinking": false}'""")
+    return switches
+
+
+def format_prompt(tokenizer, text: str, template_switches: dict | None = None) -> str:
     """The context x that rollouts y ~ S_θ(·|x) start from (§3): a user turn and the generation prompt under
-    the tokenizer's chat template, or the bare text when it has none."""
+    the tokenizer's chat template (with its switches, e.g. enable_thinking), or the bare text when it has none."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True, **(template_switches or {}))
     return text
 
 
@@ -364,7 +387,7 @@ def _user_text(value, source: str) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             return message["content"]
     if not isinstance(value, str):
-        raise ValueError(f"{source}: a prompt is neither text nor chat messages with a user turn: {value!r:.200}")
+        raise InputError(f"{source}: a prompt is neither text nor chat messages with a user turn: {value!r:.200}")
     return value
 
 
@@ -390,25 +413,25 @@ def _load_dataset(config):
         return datasets.load_dataset(str(path), config.prompt_subset or None, split=config.prompt_split)
     if suffix in (".jsonl", ".json", ".parquet") or _looks_local(source):
         if not path.is_file() or suffix not in (".jsonl", ".json", ".parquet"):
-            raise ValueError(f"prompt file {source!r} does not exist or is not a dataset folder or a .jsonl, "
+            raise InputError(f"prompt file {source!r} does not exist or is not a dataset folder or a .jsonl, "
                              f".json or .parquet file")
         if path.stat().st_size == 0:
-            raise ValueError(f"prompt file {source!r} is empty")
+            raise InputError(f"prompt file {source!r} is empty")
         try:  # a local file is one split, whatever --prompt-split says
             builder = "parquet" if suffix == ".parquet" else "json"
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as error:
-            raise ValueError(f"prompt file {source!r} could not be read: {type(error).__name__}: {error}") from error
+            raise InputError(f"prompt file {source!r} could not be read: {type(error).__name__}: {error}") from error
     offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE")
     hint = (f"pass a local dataset folder or .jsonl/.json/.parquet file (`hf download {source} --repo-type dataset "
             f"--local-dir DIR` where there is network)")
     if not offline and not hub_reachable():
-        raise ValueError(f"the hub is unreachable for prompt set {source!r}: {hint}, or set HF_DATASETS_OFFLINE=1")
+        raise InputError(f"the hub is unreachable for prompt set {source!r}: {hint}, or set HF_DATASETS_OFFLINE=1")
     try:
         return datasets.load_dataset(source, config.prompt_subset or None, split=config.prompt_split)
     except Exception as error:
         if offline:
-            raise ValueError(f"prompt set {source!r} is not cached and the hub is offline: {hint}") from error
+            raise InputError(f"prompt set {source!r} is not cached and the hub is offline: {hint}") from error
         raise
 
 
@@ -427,17 +450,18 @@ def load_prompts(config: Config, tokenizer, problems: list[dict] | None = None) 
         for role, given, candidates in (("prompt", config.prompt_field, PROMPT_FIELDS),
                                         ("answer", config.answer_field, ANSWER_FIELDS)):
             if given and _field(dataset, given, read=False) is None:
-                raise ValueError(f"{source}: no {role} field {given!r} ({columns})")
+                raise InputError(f"{source}: no {role} field {given!r} ({columns})")
             fields[role] = given or next((f for f in candidates if _field(dataset, f, read=False) is not None), None)
         if fields["prompt"] is None:
-            raise ValueError(f"{source}: no {'/'.join(PROMPT_FIELDS)} column ({columns}); name one with --prompt-field")
+            raise InputError(f"{source}: no {'/'.join(PROMPT_FIELDS)} column ({columns}); name one with --prompt-field")
         texts = [_user_text(value, source) for value in _field(dataset, fields["prompt"])]
         texts = [_math_prompt(text) for text in texts] if config.math_instruction else texts
         rows = list(zip(texts, _field(dataset, fields["answer"]) if fields["answer"] else [None] * len(texts)))
     unique = {}
     for text, answer in rows:  # DAPO-Math-17k repeats each problem; the paper deduplicates (§7.1)
         unique.setdefault(text, answer)
-    texts = [format_prompt(tokenizer, text) for text in unique]
+    switches = template_switches(config)
+    texts = [format_prompt(tokenizer, text, switches) for text in unique]
     lengths = [len(ids) for ids in encode_prompts(tokenizer, texts)] if texts else []
     prompts = [{"prompt": text, "answer": None if answer is None else str(answer)}
                for text, answer, length in zip(texts, unique.values(), lengths) if length <= config.max_prompt_len]
@@ -445,5 +469,5 @@ def load_prompts(config: Config, tokenizer, problems: list[dict] | None = None) 
     log(f"prompts: {len(prompts)} from {source} ({len(rows) - len(unique)} duplicates and {dropped} longer than "
         f"{config.max_prompt_len} tokens dropped)")
     if not prompts:
-        raise ValueError(f"no prompts left from {source!r}: {len(rows)} read, {dropped} over --max-prompt-len")
+        raise InputError(f"no prompts left from {source!r}: {len(rows)} read, {dropped} over --max-prompt-len")
     return prompts

@@ -363,6 +363,11 @@ def misconception_positions(response_tokens: list[str]) -> list[int]:
     return positions
 
 
+def toy_mistake_positions(prompt_text: str, response_tokens: list[str]) -> list[int]:
+    """The world's known-mistake tokens for train.py and the study: where the student's no-carry rule shows."""
+    return misconception_positions(response_tokens)
+
+
 def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     """Spearman's rank correlation of two flat tensors: the Pearson correlation of their ranks (ties are
     ranked by position), in float64."""

@@ -4,20 +4,11 @@
     torchrun --nproc_per_node=8 train.py --rule type_aware --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-4B \
         --prompts BytedTsinghua-SIA/DAPO-Math-17k
 
-One optimizer step (DESIGN.md, "Data flow of one optimizer step"):
-  1. each rank samples n rollouts for its share of the step's prompts from the current student;
-  2. per micro-batch: teacher final hidden states (no grad), student final hidden states (with grad), and
-     per-token h, δ, δ_fwd from them in chunks (score.py) — the student runs forward once;
-  3. the kept mask over the global batch (select.py: the per-token scalars of all ranks are gathered);
-  4. KL(P_S ‖ P_T) at the kept rows only (chunked, gradient per chunk), summed and divided by the number of
-     kept tokens of the whole step on all ranks — Eq. 9's mean over T — then backward;
-  5. gradients summed over ranks, clipped, AdamW, cosine schedule; one JSON line in metrics.jsonl.
-
-Selection needs every micro-batch's forward before any backward, which DDP's reducer (one backward per
-forward, in order) cannot express; so data parallelism here is explicit: identical initial weights on every
-rank and one all-reduce of the gradients per step. `--fsdp` shards each decoder layer with FSDP2 (their
-forward is the wrapper's); embeddings, final norm and LM head stay whole on every rank, so the chunked loss
-sees the full head weight and a tied embedding/head pair stays one tensor.
+One optimizer step: (1) each rank samples its share of the step's prompts × n rollouts from the current
+student; (2) pass 1, no grad: per micro-batch, h, δ, δ_fwd of every response token (score.py); (3) the kept
+mask over the global batch (select.py); (4) pass 2: per micro-batch, the student forward with grad, KL(P_S ‖ P_T)
+at the kept rows divided by the step's global kept count (Eq. 9), backward, free; (5) gradients summed over
+ranks, clipped, AdamW. Peak memory is one micro-batch's, whatever the step's size; see docs/training.md.
 """
 from __future__ import annotations
 
@@ -38,7 +29,9 @@ from tqdm import tqdm
 import evaluate
 import score
 import tip
-from rollout import generate_rollouts
+from rollout import Rollouts, generate_rollouts
+
+MAX_SKIPPED_IN_A_ROW = 10  # then the run saves a checkpoint and stops: something is wrong beyond one batch
 
 
 def cosine_lr(step: int, config: tip.Config) -> float:
@@ -58,7 +51,33 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def trimmed(batch, rows: slice):
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (fp32 master weights); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_prompts(step: int, num_prompts: int, config: tip.Config) -> list[int]:
+    """The prompt indices of `step`, over all ranks: consecutive slices of a seeded permutation drawn anew
+    each epoch, so the data position is a function of the step alone (resuming needs nothing else)."""
+    per_step = config.prompts_per_step
+    steps_per_epoch = max(1, num_prompts // per_step)
+    epoch, slot = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(config.seed + epoch))
+    return order[slot * per_step:(slot + 1) * per_step].tolist()
+
+
+def rollout_share(step: int, num_prompts: int, config: tip.Config) -> list[int]:
+    """The prompt index of each rollout this rank samples at `step`. The step's prompts × n rollouts, prompt-major,
+    are cut into contiguous shares that differ by at most one rollout, so any world size up to prompts × n works
+    and one prompt's rollouts may live on several ranks (selection and Eq. 9 are over the global batch anyway)."""
+    rollouts = [i for i in step_prompts(step, num_prompts, config) for _ in range(config.rollouts_per_prompt)]
+    share = len(rollouts) / tip.world_size()
+    return rollouts[round(tip.rank() * share):round((tip.rank() + 1) * share)]
+
+
+def trimmed(batch: Rollouts, rows: slice):
     """A micro-batch of rollouts without the columns that are padding in all of its rows."""
     attention = batch.attention_mask[rows]
     used = attention.any(0).nonzero()
@@ -66,64 +85,97 @@ def trimmed(batch, rows: slice):
     return batch.input_ids[rows, columns], attention[:, columns], batch.response_mask[rows, columns]
 
 
-def accumulate_gradients(student, teacher, batch, config: tip.Config, generator: torch.Generator | None):
-    """Steps 2–4 above for this rank's rollouts: forward, score, select, backward. Returns metrics."""
-    sel = tip.load_select()
+def response_hidden_states(model, batch: Rollouts, rows: slice) -> torch.Tensor:
+    """Final hidden states [N, d] at the contexts of the response tokens of `rows`, in row-major order: the
+    hidden state at position p predicts the token at p + 1."""
+    input_ids, attention_mask, mask = trimmed(batch, rows)
+    return tip.final_hidden_states(model, input_ids, attention_mask)[:, :-1][mask[:, 1:].bool()]
+
+
+def score_rollouts(student, teacher, batch: Rollouts, config: tip.Config, keep_graph: bool):
+    """Pass 1, per micro-batch: h, δ, δ_fwd of every response token (Eqs. 2–3, chunked) as [B, L] tensors, and
+    the teacher's final hidden states at those tokens (one [N, d] per micro-batch; the loss needs them again).
+    No student graph outlives its micro-batch unless `keep_graph` (one micro-batch: pass 2 reuses this forward)."""
     student_head, teacher_head = tip.lm_head_weight(student), tip.lm_head_weight(teacher)
-    response_mask = batch.response_mask.bool()
-    if response_mask[:, 0].any():
-        raise ValueError("a rollout's first position is a response token: every row needs a prompt token first")
-    micro_batches, stats_parts = [], []
+    device, response_mask = student_head.device, batch.response_mask.bool()
+    parts, teacher_rows, student_rows = [], [], []
     for start in range(0, response_mask.shape[0], config.micro_batch_size):
         rows = slice(start, start + config.micro_batch_size)
-        input_ids, attention_mask, mask = trimmed(batch, rows)
-        targets = mask[:, 1:].bool()  # the hidden state at p predicts the token at p + 1
         with torch.no_grad():
-            teacher_rows = tip.final_hidden_states(teacher, input_ids, attention_mask)[:, :-1][targets]
-        with autocast(student_head.device):  # also puts the scoring matmuls on bf16 tensor cores
-            student_rows = tip.final_hidden_states(student, input_ids, attention_mask)[:, :-1][targets]
-            stats_parts.append(score.chunked_token_stats(student_rows.detach(), student_head, teacher_rows,
-                                                         teacher_head, config.chunk_size))
-        micro_batches.append((rows, student_rows, teacher_rows))
-
-    # Per-token scalars back in [B, L] layout; rows are in the same row-major order as response_mask.
+            teacher_rows.append(response_hidden_states(teacher, batch, rows))
+        with autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
+            hidden = response_hidden_states(student, batch, rows)
+            parts.append(score.chunked_token_stats(hidden.detach(), student_head, teacher_rows[-1], teacher_head,
+                                                   config.chunk_size))
+        student_rows.append(hidden if keep_graph else None)
     stats = score.TokenStats(*(response_mask.new_zeros(response_mask.shape, dtype=torch.float32)
-                               .masked_scatter(response_mask, torch.cat(column).to(response_mask.device))
-                               for column in zip(*stats_parts)))
-    kept_mask = sel.select_tokens(config.rule, stats, response_mask, config.ratio or None, generator)
-    quadrant = sel.quadrants(stats.entropy, stats.reverse_kl, response_mask)
+                               .masked_scatter(response_mask, torch.cat(column).to(device))
+                               for column in zip(*parts)))
+    return stats, teacher_rows, student_rows
 
-    local = [response_mask.sum().item(), kept_mask.sum().item(),
-             stats.entropy[response_mask].sum().item(), stats.reverse_kl[response_mask].sum().item()]
-    local += [(quadrant == q).sum().item() for q in range(1, 5)]
-    local += [(quadrant[kept_mask] == q).sum().item() for q in range(1, 5)]
-    totals = all_reduce_sum(local, student_head.device)
-    response_tokens, kept_tokens = totals[0], totals[1]
 
-    loss_sum = 0.0
-    for rows, student_rows, teacher_rows in micro_batches:
+def train_on_kept(student, teacher, batch: Rollouts, kept_mask, teacher_rows, student_rows, kept_tokens: float,
+                  config: tip.Config) -> float:
+    """Pass 2, per micro-batch: the student forward with grad (checkpointed when asked), KL at the kept rows only
+    (chunked, gradient per chunk), divided by the kept count of the whole step on all ranks (Eq. 9), backward;
+    its activations are freed before the next micro-batch. Returns this rank's summed loss."""
+    student_head, teacher_head = tip.lm_head_weight(student), tip.lm_head_weight(teacher)
+    response_mask, loss_sum = batch.response_mask.bool(), 0.0
+    for i, start in enumerate(range(0, response_mask.shape[0], config.micro_batch_size)):
+        rows = slice(start, start + config.micro_batch_size)
         kept_rows = kept_mask[rows][response_mask[rows]]  # this micro-batch's kept tokens, in row order
         with autocast(student_head.device):
-            loss = score.distillation_loss(student_rows[kept_rows], student_head, teacher_rows[kept_rows],
-                                           teacher_head, config.chunk_size, "sum", config.divergence, config.jsd_beta)
+            hidden = student_rows[i] if student_rows[i] is not None else response_hidden_states(student, batch, rows)
+            loss = score.distillation_loss(hidden[kept_rows], student_head, teacher_rows[i][kept_rows], teacher_head,
+                                           config.chunk_size, "sum", config.divergence, config.jsd_beta)
         loss_sum += loss.item()
         if kept_tokens > 0:
-            (loss / kept_tokens).backward()  # Eq. 9: the mean over the kept tokens of the whole step
-    loss_sum = all_reduce_sum([loss_sum], student_head.device)[0]
+            (loss / kept_tokens).backward()
+        teacher_rows[i] = student_rows[i] = None  # free this micro-batch before the next
+        del hidden, loss
+    return loss_sum
+
+
+def accumulate_gradients(student, teacher, batch: Rollouts, config: tip.Config, generator: torch.Generator | None,
+                         mistake_mask: torch.Tensor | None = None) -> dict:
+    """Steps 2–4 above for this rank's rollouts: score, select over the global batch, train on the kept tokens.
+    `mistake_mask` marks a built-in world's known-mistake tokens: counted, and never kept with --exclude-mistakes.
+    Returns the step's metrics; `skipped` names why no gradient was made (then every rank skips)."""
+    sel = tip.load_select()
+    device, response_mask = tip.lm_head_weight(student).device, batch.response_mask.bool()
+    if response_mask[:, 0].any():
+        raise ValueError("a rollout's first position is a response token: every row needs a prompt token first")
+    micro_batches = math.ceil(response_mask.shape[0] / config.micro_batch_size)
+    stats, teacher_rows, student_rows = score_rollouts(student, teacher, batch, config, keep_graph=micro_batches == 1)
+    non_finite = sum(int((~torch.isfinite(value[response_mask])).sum()) for value in stats)
+    response_tokens, non_finite = all_reduce_sum([response_mask.sum().item(), non_finite], device)
+    if response_tokens == 0 or non_finite:  # every rank sees the same totals, so every rank skips
+        return dict(response_tokens=int(response_tokens), kept_tokens=0, loss=None,
+                    skipped=f"{int(non_finite)} non-finite token scores" if non_finite else "no response tokens")
+
+    kept_mask = sel.select_tokens(config.rule, stats, response_mask, config.ratio or None, generator)
+    mistakes = torch.zeros_like(response_mask) if mistake_mask is None else mistake_mask.bool() & response_mask
+    if config.exclude_mistakes:
+        kept_mask &= ~mistakes
+    quadrant = sel.quadrants(stats.entropy, stats.reverse_kl, response_mask)
+    local = [kept_mask.sum().item(), stats.entropy[response_mask].sum().item(),
+             stats.reverse_kl[response_mask].sum().item(), mistakes.sum().item(), (mistakes & kept_mask).sum().item()]
+    local += [(quadrant[where] == q).sum().item() for where in (response_mask, kept_mask, mistakes) for q in range(1, 5)]
+    totals = all_reduce_sum(local, device)
+    kept_tokens, mistake_tokens = totals[0], totals[3]
+
+    loss_sum = train_on_kept(student, teacher, batch, kept_mask, teacher_rows, student_rows, kept_tokens, config)
+    loss_sum = all_reduce_sum([loss_sum], device)[0]
     metrics = dict(loss=loss_sum / max(kept_tokens, 1), response_tokens=int(response_tokens),
-                   kept_tokens=int(kept_tokens), kept_fraction=kept_tokens / max(response_tokens, 1),
-                   mean_entropy=totals[2] / max(response_tokens, 1), mean_reverse_kl=totals[3] / max(response_tokens, 1))
+                   kept_tokens=int(kept_tokens), kept_fraction=kept_tokens / response_tokens,
+                   mean_entropy=totals[1] / response_tokens, mean_reverse_kl=totals[2] / response_tokens)
     for q in range(1, 5):
-        metrics[f"q{q}_share"] = totals[3 + q] / max(response_tokens, 1)
-        metrics[f"q{q}_share_kept"] = totals[7 + q] / max(kept_tokens, 1)
-    return metrics
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (fp32 master weights); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        metrics[f"q{q}_share"] = totals[4 + q] / response_tokens
+        metrics[f"q{q}_share_kept"] = totals[8 + q] / max(kept_tokens, 1)
+    if mistake_mask is not None:
+        metrics.update(mistake_tokens=int(mistake_tokens), mistake_kept=int(totals[4]),
+                       **{f"mistake_q{q}_share": totals[12 + q] / max(mistake_tokens, 1) for q in range(1, 5)})
+    return dict(**metrics, skipped="")
 
 
 def sync_and_clip_gradients(student, max_norm: float) -> float:
@@ -149,32 +201,24 @@ def sync_and_clip_gradients(student, max_norm: float) -> float:
     return norm
 
 
-def train_step(student, teacher, rollouts, optimizer, config: tip.Config, step: int,
-               generator: torch.Generator | None) -> dict:
-    """One optimizer step on this rank's rollouts. A step without response tokens, or whose loss or
-    gradient is not finite, is skipped (the weights are not touched) and says so in its metrics."""
+def train_step(student, teacher, rollouts: Rollouts, optimizer, config: tip.Config, step: int,
+               generator: torch.Generator | None, mistake_mask: torch.Tensor | None = None) -> dict:
+    """One optimizer step on this rank's rollouts. A step without response tokens, or with a non-finite score,
+    loss or gradient on any rank, is skipped on every rank (the weights are not touched) and says why."""
     lr = cosine_lr(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    metrics = accumulate_gradients(student, teacher, rollouts, config, generator)
-    grad_norm = sync_and_clip_gradients(student, config.grad_clip)
-    skipped = "no response tokens" if metrics["response_tokens"] == 0 else \
-        "non-finite loss or gradient" if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)) else ""
-    if not skipped:
-        optimizer.step()
+    metrics = accumulate_gradients(student, teacher, rollouts, config, generator, mistake_mask)
+    grad_norm = None
+    if not metrics["skipped"]:
+        grad_norm = sync_and_clip_gradients(student, config.grad_clip)  # global: a NaN on one rank reaches all
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+            metrics["skipped"] = "non-finite loss or gradient"
+        else:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(lr=lr, **metrics, grad_norm=grad_norm, skipped=skipped)
-
-
-def step_prompts(step: int, num_prompts: int, config: tip.Config) -> list[int]:
-    """The prompt indices of `step`, over all ranks: consecutive slices of a seeded permutation drawn anew
-    each epoch, so the data position is a function of the step alone (resuming needs nothing else)."""
-    per_step = config.prompts_per_step
-    steps_per_epoch = max(1, num_prompts // per_step)
-    epoch, slot = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(config.seed + epoch))
-    return order[slot * per_step:(slot + 1) * per_step].tolist()
+    return dict(lr=lr, **metrics, grad_norm=grad_norm)
 
 
 def shard_with_fsdp(model) -> None:
@@ -200,15 +244,21 @@ def full_state(student, optimizer):
 
 
 def save_checkpoint(run_dir: Path, step: int, student, tokenizer, optimizer, final: bool = False) -> None:
-    """The student (save_pretrained, safetensors) with its tokenizer, and the training state. Collective."""
+    """The student (save_pretrained, safetensors) with its tokenizer, and the training state with the random
+    state of every rank (sampling offsets it by rank). Collective."""
     model_state, optimizer_state = full_state(student, optimizer)
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    ranks_rng = [None] * tip.world_size()
+    if tip.is_distributed():
+        dist.all_gather_object(ranks_rng, rng)
+    else:
+        ranks_rng = [rng]
     if tip.rank() == 0:
         def write(tmp: Path):
             student.save_pretrained(tmp / "model" if not final else tmp, state_dict=model_state)
             tokenizer.save_pretrained(tmp / "model" if not final else tmp)
             if not final:
-                torch.save(dict(step=step, optimizer=optimizer_state, torch_rng=torch.get_rng_state()),
-                           tmp / "state.pt")
+                torch.save(dict(step=step, optimizer=optimizer_state, rng=ranks_rng), tmp / "state.pt")
         tip.write_atomically(run_dir / ("final" if final else f"checkpoint-{step:06d}"), write, folder=True)
     if tip.is_distributed():
         dist.barrier()
@@ -220,7 +270,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resume_from(checkpoint: Path, student, optimizer) -> int:
-    """Load weights and optimizer state from a checkpoint; returns the number of steps already done."""
+    """Load weights, optimizer state and this rank's random state; returns the number of steps already done."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -236,7 +286,12 @@ def resume_from(checkpoint: Path, student, optimizer) -> int:
     else:
         student.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+    if len(state["rng"]) != tip.world_size():
+        raise tip.InputError(f"{checkpoint} was saved by {len(state['rng'])} processes; resume it with as many")
+    rng = state["rng"][tip.rank()]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"]
 
 
@@ -244,7 +299,8 @@ def held_out_problems(config: tip.Config, tokenizer) -> list[dict]:
     """A built-in world's held-out split for the in-training evaluation; other prompt sets use evaluate.py."""
     if config.prompts not in evaluate.WORLDS or not config.eval_problems:
         return []
-    return [{"prompt": tip.format_prompt(tokenizer, p["problem"]), "answer": p["answer"]}
+    switches = tip.template_switches(config)
+    return [{"prompt": tip.format_prompt(tokenizer, p["problem"], switches), "answer": p["answer"]}
             for p in evaluate.world_problems(config.prompts, "test", config.world_dir)[:config.eval_problems]]
 
 
@@ -255,8 +311,9 @@ def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Conf
     if mine:
         generate = evaluate.model_generator(student, tokenizer, config.max_response_len, config.temperature,
                                             config.top_p, seed, batch_size=None)
-        summary, _ = evaluate.run_benchmark(mine, [p["prompt"] for p in mine], generate, config.eval_samples,
-                                            config.micro_batch_size * config.eval_samples, show_progress=False)
+        with autocast(next(student.parameters()).device):
+            summary, _ = evaluate.run_benchmark(mine, [p["prompt"] for p in mine], generate, config.eval_samples,
+                                                config.micro_batch_size * config.eval_samples, show_progress=False)
         correct = summary["accuracy"] * len(mine)
     return all_reduce_sum([correct], next(student.parameters()).device)[0] / max(1, len(problems))
 
@@ -267,37 +324,43 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
     rules = ", ".join(f"{name} (ρ={rule.default_ratio})" for name, rule in sel.RULES.items())
     parser = tip.build_parser(__doc__.split("\n\n")[0] + f"\nRules and their default kept ratio: {rules}.")
     config = tip.config_from_args(parser.parse_args(argv))
+    rollouts, processes = config.prompts_per_step * config.rollouts_per_prompt, int(os.environ.get("WORLD_SIZE", 1))
     if config.rule not in sel.RULES:
         parser.error(f"unknown --rule {config.rule!r}; valid rules: {', '.join(sel.RULES)}")
     if config.ratio and not 0 < config.ratio <= 1:
         parser.error(f"--ratio {config.ratio} is outside (0, 1]")
     if not config.prompts:
         parser.error("--prompts is required with --teacher/--student (a hub dataset or a local file)")
+    if processes > rollouts:
+        parser.error(f"{processes} processes but only {config.prompts_per_step} prompts x {config.rollouts_per_prompt} "
+                     f"rollouts = {rollouts} rollouts per step: every process needs one; raise --prompts-per-step "
+                     f"or --rollouts-per-prompt to at least {processes} rollouts, or launch fewer processes")
     if config.resume and not config.run_name:
         parser.error("--resume needs --run-name: the run folder to continue")
     if config.resume and newest_checkpoint(Path(config.out_dir) / config.run_name) is None:
         parser.error(f"--resume: no complete checkpoint in {Path(config.out_dir) / config.run_name}")
     if config.fsdp and "RANK" not in os.environ:
         parser.error("--fsdp shards over processes: launch with torchrun")
+    try:
+        tip.template_switches(config)
+    except tip.InputError as error:
+        parser.error(str(error))
     return config
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv)
-    device = tip.init_distributed()
-    master = tip.rank() == 0
-    torch.manual_seed(config.seed)  # the same on every rank: initialisation must agree
-    run_dir = Path(config.out_dir) / (config.run_name or f"{config.rule}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-
+def setup(config: tip.Config, device):
+    """The pair, the prompts and the optimizer, every rank starting from the same weights (or the checkpoint)."""
     teacher, student, tokenizer = evaluate.load_pair(config, device)
-    student.float()  # fp32 master weights: a 1e-6 AdamW update vanishes in bf16; compute is bf16 autocast
-    prompts = evaluate.load_prompts(config, tokenizer)
-    eval_problems = held_out_problems(config, tokenizer)
-    if config.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has only the old name
+    student.float().train()  # fp32 master weights (a 1e-6 AdamW update vanishes in bf16); checkpointing acts in
+    if config.gradient_checkpointing:  # training mode only. transformers ≥ 5.2x renamed it; 5.17 has the old name
         if hasattr(student, "activation_checkpointing_enable"):
             student.activation_checkpointing_enable({"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompts = evaluate.load_prompts(config, tokenizer)
+    if min(config.prompts_per_step, len(prompts)) * config.rollouts_per_prompt < tip.world_size():
+        raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "
+                             f"{tip.world_size()} processes a rollout: use more prompts or fewer processes")
     if config.fsdp:
         shard_with_fsdp(student)
         shard_with_fsdp(teacher)
@@ -307,6 +370,28 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
                                   foreach=not config.fsdp)
+    return teacher, student, tokenizer, prompts, optimizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    device = tip.init_distributed()
+    torch.manual_seed(config.seed)  # the same on every rank: initialisation must agree
+    try:
+        train(config, device)
+    except tip.InputError as error:  # a user's mistake: the message alone, once, and a non-zero exit
+        raise SystemExit(f"error: {error}" if tip.rank() == 0 else 1) from None
+    finally:
+        if tip.is_distributed():
+            dist.destroy_process_group()
+
+
+def train(config: tip.Config, device) -> None:
+    """Steps `config.steps` times (or from the newest checkpoint), with checkpoints, metrics and evaluation."""
+    master = tip.rank() == 0
+    run_dir = Path(config.out_dir) / (config.run_name or f"{config.rule}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    teacher, student, tokenizer, prompts, optimizer = setup(config, device)
+    eval_problems = held_out_problems(config, tokenizer)
     start_step = resume_from(newest_checkpoint(run_dir), student, optimizer) if config.resume else 0
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run folder {run_dir}; {len(prompts)} prompts; rule {config.rule} (ρ = {rho}); "
               f"{tip.world_size()} process(es)")
 
-    stop = []  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit cleanly
+    stop, skipped_in_a_row = [], 0  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit cleanly
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if eval_problems and start_step == 0:
@@ -327,14 +412,21 @@ def main(argv: list[str] | None = None) -> None:
             tip.log(f"held-out accuracy before training: {before:.1%} ({len(eval_problems)} problems)")
         for step in tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master):
             record = run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device)
+            skipped_in_a_row = skipped_in_a_row + 1 if record["skipped"] else 0
             if master:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if record["skipped"]:
                     tqdm.write(f"step {step + 1} skipped: {record['skipped']}")
             stop_now = all_reduce_sum([float(bool(stop))], device)[0] > 0  # every rank stops at the same step
-            if stop_now or (config.save_every and (step + 1) % config.save_every == 0):
+            give_up = skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW  # the same on every rank: skips are agreed
+            if stop_now or give_up or (config.save_every and (step + 1) % config.save_every == 0):
                 save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer)
+            if give_up:
+                raise SystemExit(f"error: {skipped_in_a_row} steps in a row were skipped (last: {record['skipped']}); "
+                                 f"saved {run_dir / f'checkpoint-{step + 1:06d}'}. Lower --lr, or check the data "
+                                 f"and the models' dtype, then continue with --resume --run-name {run_dir.name}"
+                                 if master else 1)
             if stop_now:
                 tip.log(f"stopped after step {step + 1}; continue with --resume --run-name {run_dir.name}")
                 return
@@ -347,20 +439,19 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if tip.is_distributed():
-            dist.destroy_process_group()
 
 
 def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device) -> dict:
-    """Rollouts for this rank's share of the step's prompts, then `train_step`; the metrics line."""
+    """Rollouts for this rank's share of the step, sampled in the compute precision, then `train_step`."""
     t0 = time.time()
-    batch_ids = step_prompts(step, len(prompts), config)
-    share = len(batch_ids) / tip.world_size()  # contiguous, possibly uneven, shares per rank
-    mine = [prompts[i] for i in batch_ids[round(tip.rank() * share):round((tip.rank() + 1) * share)]]
+    mine = [prompts[i] for i in rollout_share(step, len(prompts), config)]
     seed = config.seed * 1_000_003 + step * tip.world_size() + tip.rank()  # ranks sample differently
-    rollouts = generate_rollouts(student, tokenizer, [p["prompt"] for p in mine], config.rollouts_per_prompt,
-                                 config.max_response_len, config.temperature, config.top_p, seed=seed)
-    metrics = train_step(student, teacher, rollouts, optimizer, config, step, torch.Generator().manual_seed(seed))
+    with autocast(device):
+        rollouts = generate_rollouts(student, tokenizer, [p["prompt"] for p in mine], 1, config.max_response_len,
+                                     config.temperature, config.top_p, seed=seed)
+    mistakes = evaluate.world_mistake_mask(config.prompts, tokenizer, rollouts, [p["prompt"] for p in mine])
+    metrics = train_step(student, teacher, rollouts, optimizer, config, step, torch.Generator().manual_seed(seed),
+                         mistakes)
     scored = [is_correct_or_none(text, mine[int(i)]["answer"]) for text, i in zip(rollouts.texts, rollouts.prompt_index)]
     scored = [r for r in scored if r is not None]
     reward_sum, reward_count = all_reduce_sum([sum(scored), len(scored)], device)

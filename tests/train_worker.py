@@ -1,7 +1,13 @@
-"""Builders shared by tests/test_train.py, and its torchrun worker: one TIP step on 2 ranks.
+"""Builders shared by tests/test_train.py, and its torchrun worker.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/train_worker.py OUT_DIR ddp|fsdp
+    python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR ddp|fsdp|held_out
+    python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR nan_on_rank_1 TRAIN_ARGS...
+
+ddp / fsdp: one TIP step on this rank's contiguous share of a fixed batch; saves the weight update and the
+metrics. held_out: train.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
+so the accuracy of the whole set is known; saves it.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +29,7 @@ def tokenizer():
 
 def make_pair(seed=0):
     teacher = tiny_causal_lm(tokenizer(), 48, seed=seed + 1).eval().requires_grad_(False)
-    student = tiny_causal_lm(tokenizer(), 32, seed=seed + 2)
+    student = tiny_causal_lm(tokenizer(), 32, seed=seed + 2).train()
     return teacher, student
 
 
@@ -50,28 +56,57 @@ def config(**overrides) -> tip.Config:
     return tip.Config(**{**base, **overrides})
 
 
-def one_step(fsdp: bool = False) -> dict:
-    """One SGD step of type_aware selection with a clip that binds, on this rank's contiguous share of the batch."""
-    teacher, student = make_pair()
-    batch = make_batch()
-    share = batch.input_ids.shape[0] / tip.world_size()  # 7 rows: 3 on rank 0, 4 on rank 1
+def rank_share(batch: Rollouts) -> Rollouts:
+    """This rank's contiguous share of the rows, as train.rollout_share cuts a step (7 rows on 3 ranks: 2, 3, 2)."""
+    share = batch.input_ids.shape[0] / tip.world_size()
     rows = slice(round(tip.rank() * share), round((tip.rank() + 1) * share))
-    batch = Rollouts(*(field[rows] for field in batch))
+    return Rollouts(*(field[rows] for field in batch))
+
+
+def one_step(fsdp: bool = False, micro_batch_size: int = 64) -> tuple[dict, dict]:
+    """One SGD step of type_aware selection with a clip that binds, on this rank's share of the batch.
+    Returns (the weight update after − before, by name; the step's metrics)."""
+    teacher, student = make_pair()
+    before = {name: value.detach().clone() for name, value in student.state_dict().items()}
+    batch = rank_share(make_batch())
     if fsdp:
         train.shard_with_fsdp(student)
         train.shard_with_fsdp(teacher)
-    # SGD at lr 1: the weights move by exactly the clipped gradient (Adam's first step, ≈ lr · sign(g),
-    # would amplify float noise in near-zero gradient entries)
-    optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
-    # FSDP2 also accumulates: its 3–4 rows per rank run as micro-batches of 2
-    train.train_step(student, teacher, batch, optimizer, config(grad_clip=0.05, micro_batch_size=2 if fsdp else 64),
-                     0, None)
-    return {name: value.detach().clone() for name, value in train.full_state(student, optimizer)[0].items()}
+    # SGD: the update is the clipped gradient times lr (Adam's first step, ≈ lr · sign(g), would amplify float
+    # noise in near-zero gradient entries). lr 1000 makes updates of ~1e-3, far above the weights' float32
+    # resolution (~1e-9 at 0.02), so after − before is the update to ~1e-6 of its size.
+    optimizer = torch.optim.SGD(student.parameters())
+    metrics = train.train_step(student, teacher, batch, optimizer, config(grad_clip=0.05, lr=1000.0,
+                               micro_batch_size=micro_batch_size), 0, None)
+    after = train.full_state(student, optimizer)[0]
+    return {name: after[name] - before[name] for name in after}, metrics
 
 
 if __name__ == "__main__":
     out_dir, mode = Path(sys.argv[1]), sys.argv[2]
     tip.init_distributed()
-    weights = one_step(fsdp=mode == "fsdp")
-    torch.save(weights, out_dir / f"rank{tip.rank()}.pt")
+    if mode == "nan_on_rank_1":  # train.main on the rest of the command line; rank 1's first scores are NaN
+        real_stats, calls = train.score.chunked_token_stats, []
+
+        def nan_once(*args, **kwargs):
+            stats = real_stats(*args, **kwargs)
+            calls.append(1)
+            return stats._replace(reverse_kl=stats.reverse_kl * float("nan")) if len(calls) == 1 else stats
+        if tip.rank() == 1:
+            train.score.chunked_token_stats = nan_once
+        train.main(sys.argv[3:])  # it ends the process group itself
+        sys.exit(0)
+    if mode == "held_out":
+        import evaluate
+        evaluate.is_correct = lambda text, answer: answer == "1"  # a verdict that does not depend on the sample
+        _, student = make_pair()
+        problems = [{"prompt": tip.format_prompt(tokenizer(), f"{a}+{b}="), "answer": str((a * b) % 3)}
+                    for a in range(4) for b in range(3)]
+        accuracy = train.held_out_accuracy(student, tokenizer(), problems, config(max_response_len=4, temperature=0.0),
+                                           seed=0)
+        (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(accuracy))
+    else:
+        # FSDP2 also accumulates: its 1–4 rows per rank run as micro-batches of 2
+        update, metrics = one_step(fsdp=mode == "fsdp", micro_batch_size=2 if mode == "fsdp" else 64)
+        torch.save(dict(update=update, metrics=metrics), out_dir / f"rank{tip.rank()}.pt")
     torch.distributed.destroy_process_group()
