@@ -91,6 +91,9 @@ class Config:
     micro_batch_size: int = _arg(8, "rollouts per forward/backward on one rank (gradient accumulation beyond)")
     chunk_size: int = _arg(512, "rows of [rows, vocab] logits materialised at once in scoring and the loss")
     gradient_checkpointing: bool = _arg(True, "recompute student activations in backward to save memory")
+    single_forward: bool = _arg(False, "keep every micro-batch's student graph from scoring to the loss: one student "
+                                "forward fewer per micro-batch, but activation memory grows with the step (one "
+                                "micro-batch per rank runs this way anyway)")
     fsdp: bool = _arg(False, "shard student and teacher with FSDP2 (for models that do not fit one GPU)")
     dtype: str = _arg("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32",
                       ["auto", "bfloat16", "float16", "float32"])

@@ -145,8 +145,9 @@ def accumulate_gradients(student, teacher, batch: Rollouts, config: tip.Config, 
     device, response_mask = tip.lm_head_weight(student).device, batch.response_mask.bool()
     if response_mask[:, 0].any():
         raise ValueError("a rollout's first position is a response token: every row needs a prompt token first")
-    micro_batches = math.ceil(response_mask.shape[0] / config.micro_batch_size)
-    stats, teacher_rows, student_rows = score_rollouts(student, teacher, batch, config, keep_graph=micro_batches == 1)
+    one_micro_batch = response_mask.shape[0] <= config.micro_batch_size
+    stats, teacher_rows, student_rows = score_rollouts(student, teacher, batch, config,
+                                                       keep_graph=config.single_forward or one_micro_batch)
     non_finite = sum(int((~torch.isfinite(value[response_mask])).sum()) for value in stats)
     response_tokens, non_finite = all_reduce_sum([response_mask.sum().item(), non_finite], device)
     if response_tokens == 0 or non_finite:  # every rank sees the same totals, so every rank skips
@@ -348,15 +349,21 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
     return config
 
 
-def setup(config: tip.Config, device):
-    """The pair, the prompts and the optimizer, every rank starting from the same weights (or the checkpoint)."""
-    teacher, student, tokenizer = evaluate.load_pair(config, device)
-    student.float().train()  # fp32 master weights (a 1e-6 AdamW update vanishes in bf16); checkpointing acts in
-    if config.gradient_checkpointing:  # training mode only. transformers ≥ 5.2x renamed it; 5.17 has the old name
+def prepare_student(student, config: tip.Config) -> None:
+    """fp32 master weights (a 1e-6 AdamW update vanishes in bf16; compute is bf16 autocast), training mode, and
+    gradient checkpointing when asked, which transformers applies in training mode only."""
+    student.float().train()
+    if config.gradient_checkpointing:  # transformers ≥ 5.2x renamed it; 5.17 has only the old name
         if hasattr(student, "activation_checkpointing_enable"):
             student.activation_checkpointing_enable({"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def setup(config: tip.Config, device):
+    """The pair, the prompts and the optimizer, every rank starting from the same weights (or the checkpoint)."""
+    teacher, student, tokenizer = evaluate.load_pair(config, device)
+    prepare_student(student, config)
     prompts = evaluate.load_prompts(config, tokenizer)
     if min(config.prompts_per_step, len(prompts)) * config.rollouts_per_prompt < tip.world_size():
         raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "

@@ -118,16 +118,18 @@ def test_student_equal_to_teacher_gives_zero_loss_and_leaves_weights_unchanged()
 
 
 @pytest.mark.parametrize("rule", ["type_aware", "q3", "entropy"])
-@pytest.mark.parametrize("micro_batch_size", [1, 3])
-def test_micro_batches_give_the_gradients_of_one(rule, micro_batch_size):
-    """One micro-batch reuses its scoring forward; several run the student twice (no grad, then with grad)."""
+@pytest.mark.parametrize("micro_batch_size,single_forward", [(1, False), (3, False), (3, True)])
+def test_micro_batches_give_the_gradients_of_one(rule, micro_batch_size, single_forward):
+    """One micro-batch reuses its scoring forward; several run the student twice (no grad, then with grad),
+    or keep every graph with --single-forward."""
     teacher, student = make_pair()
     batch = make_batch()
     whole = train.accumulate_gradients(student, teacher, batch, config(rule=rule, micro_batch_size=64),
                                        torch.Generator().manual_seed(3))
     want = gradients(student)
     student.zero_grad(set_to_none=True)
-    split = train.accumulate_gradients(student, teacher, batch, config(rule=rule, micro_batch_size=micro_batch_size),
+    split = train.accumulate_gradients(student, teacher, batch, config(rule=rule, micro_batch_size=micro_batch_size,
+                                                                       single_forward=single_forward),
                                        torch.Generator().manual_seed(3))
     assert without_skipped(split) == pytest.approx(without_skipped(whole), rel=1e-5)
     for name, p in student.named_parameters():
