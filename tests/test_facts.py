@@ -241,3 +241,23 @@ def test_sft_loss_is_the_soft_cross_entropy_at_the_wrong_values():
     facts.sft(copy.deepcopy(model), iter([batch]), 1, 1e-3, confidence=0.9, log=logged.append)
     assert float(logged[0].split()[-1]) == pytest.approx(float(expected), abs=1e-4)
     assert (alt != -100).any() and abs(float(expected) - float(nll[targets != -100].mean())) > 1e-2
+
+
+def test_train_finds_the_wrong_fact_tokens_through_evaluate():
+    import evaluate
+    from rollout import Rollouts
+    tokenizer = facts.build_tokenizer()
+    w, r = sorted(facts.wrong_names())[0], sorted(set(facts.fact_table()[0]) - facts.wrong_names())[0]
+    prompt = tip.format_prompt(tokenizer, f"{r}+{w}=")
+    rows = [tokenizer(prompt + text, add_special_tokens=False).input_ids for text in (f"{r}=1\n{w}=5\n", f"{w} =2")]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in rows])
+    prompt_length = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, ids in enumerate(rows):
+        response_mask[row, width - len(ids) + prompt_length:] = True
+    rollouts = Rollouts(input_ids, (input_ids != tokenizer.pad_token_id).long(), response_mask,
+                        torch.tensor([prompt_length] * 2), torch.tensor([0, 0]), ["", ""])
+    mask = evaluate.world_mistake_mask("facts", tokenizer, rollouts, [prompt])
+    marked = [tokenizer.convert_ids_to_tokens(input_ids[row][mask[row]].tolist()) for row in range(2)]
+    assert marked == [["5"], ["2"]] and mask.sum() == 2
