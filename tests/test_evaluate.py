@@ -1,6 +1,8 @@
 """evaluate.py: the grader, mean@k, benchmark loading, the CLI and the taxonomy of a pair (§4, §7.1)."""
 import json
 import math
+import os
+import subprocess
 import sys
 import threading
 import types
@@ -11,6 +13,7 @@ import torch
 
 import evaluate
 import tip
+from conftest import ROOT
 from evaluate import extract_boxed, is_correct
 
 
@@ -57,6 +60,15 @@ GRADER_CASES = [
     ("\\boxed{18.90}", "\\$18.90", True),
     ("\\boxed{\\frac12}", " $0.5$ ", True),
     ("\\boxed{(3,\\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("\\boxed{\\boxed{4}}", "4", True),  # nested: the innermost, last-opened box
+    ("\\boxed{a \\boxed{3} b}", "3", True),
+    ("\\boxed{4} \\boxed{}", "4", False),  # a trailing empty box is the (empty) answer
+    ("\\boxed{4} \\boxed{ }", "4", False),
+    ("\\boxed{5\\text{ cm}}", "5", True),  # units
+    ("\\boxed{5\\text{ cm}}", "6", False),
+    ("\\boxed{12 \\text{ dollars}}", "12", True),
+    ("\\boxed{90^\\circ}", "90", True),
+    ("\\boxed{\\$5}", "5", True),
 ]
 
 
@@ -84,8 +96,15 @@ def test_empty_reference_is_an_error():
         is_correct("\\boxed{1}", "  ")
 
 
+def needs_math_verify(case):
+    """A case whose verdict the exact-string shortcut of is_correct cannot give."""
+    prediction = extract_boxed(case[0])
+    return bool(prediction and prediction.strip()) and "".join(prediction.split()) != "".join(case[1].split())
+
+
 def test_grader_from_threads_gives_the_main_thread_verdicts():
-    cases = GRADER_CASES[:8]
+    cases = [case for case in GRADER_CASES if needs_math_verify(case)][:10]
+    assert {verdict for _, _, verdict in cases} == {True, False}
     with ThreadPoolExecutor(2) as pool:
         verdicts = list(pool.map(lambda case: (threading.current_thread() is threading.main_thread(),
                                                is_correct(case[0], case[1])), cases))
@@ -93,9 +112,17 @@ def test_grader_from_threads_gives_the_main_thread_verdicts():
     assert not any(main for main, _ in verdicts)
 
 
-def test_a_pathological_answer_is_cut_off_by_the_timeout():
-    # sympy would evaluate 10^(10^10) for minutes; math-verify's limit turns it into a wrong answer
-    assert is_correct("\\boxed{10^{10^{10}}}", "3") is False
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_a_pathological_answer_is_cut_off_by_the_timeout(thread):
+    """sympy would evaluate 10^(10^10) for minutes; math-verify's limit turns it into a wrong answer, in the
+    main thread (signal.alarm) and from a worker thread (the pool). Run in a child process: a broken limit
+    hangs the child, and the test fails at the subprocess timeout instead of hanging the suite."""
+    call = "evaluate.is_correct('\\\\boxed{10^{10^{10}}}', '3')"
+    code = (f"import evaluate; print({call})" if thread == "main" else "import evaluate; from concurrent.futures "
+            f"import ThreadPoolExecutor; print(ThreadPoolExecutor(1).submit(lambda: {call}).result())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=20 * evaluate.GRADE_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- mean@k on a stub generator
@@ -195,9 +222,48 @@ def test_cli_toy_benchmark_asks_bare_problems(tmp_path, tiny_pair, monkeypatch):
     assert saved["summary"]["max_new_tokens"] == 48 and saved["summary"]["problems"] == 3
 
 
-def test_greedy_with_several_samples_is_refused():
+def test_greedy_with_several_samples_is_refused(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", "m", "--benchmark", "toy", "--greedy", "--samples", "4"])
+    assert "--greedy gives one sample per problem" in capsys.readouterr().err
+
+
+def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--benchmark", "toy"])
+    assert "pass --model and --benchmark" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: benchmark file .*missing.jsonl' does not exist$"):
+        evaluate.main(["--model", "m", "--data", str(tmp_path / "missing.jsonl")])
+    (tmp_path / "p.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"^error: model .*broken' could not be loaded"):
+        evaluate.main(["--model", str(tmp_path / "broken"), "--data", str(tmp_path / "p.jsonl")])
+    with pytest.raises(tip.InputError, match="unknown benchmark 'gsm8k': choose math500"):
+        evaluate.load_problems("gsm8k")
+
+
+def test_an_unreachable_hub_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr(tip, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(tip.InputError, match="hub is unreachable: pass a local copy with --data"):
+        evaluate.load_problems("math500")
+
+
+def test_mean_at_k_refuses_ragged_samples_and_taxonomy_refuses_empty_rollouts(tiny_pair, monkeypatch):
+    with pytest.raises(ValueError, match="same number k >= 1"):
+        evaluate.accuracy_summary([[True, False], [True]])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import rollout
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "student")
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair / "student").eval()
+    real = rollout.generate_rollouts
+    monkeypatch.setattr(rollout, "generate_rollouts", lambda *a, **k: real(*a, **k)._replace(
+        response_mask=torch.zeros_like(real(*a, **k).response_mask)))
+    with pytest.raises(ValueError, match="no sampled tokens to score"):
+        evaluate.taxonomy(student, student, tokenizer, [tip.format_prompt(tokenizer, "1+2=")], samples=1,
+                          max_new_tokens=3, batch_size=2)
 
 
 # ---------------------------------------------------------------- loading benchmarks
@@ -373,29 +439,22 @@ def test_taxonomy_student_equals_teacher_gives_zero_divergence(tiny_pair):
     assert all(q["kl_mass_share"] == 0.0 for q in report["quadrants"])
 
 
-def test_plot_written_atomically_with_a_stand_in_figure(tmp_path, monkeypatch):
-    """The picture's file handling where matplotlib (optional) is absent: a stand-in Figure records the calls."""
-    import sys
-    import types
-    calls = []
-
-    class Figure:
-        def __init__(self, **kwargs):
-            pass
-
-        def __getattr__(self, name):  # subplots() returns the figure itself, which takes any axes call
-            return lambda *args, **kwargs: calls.append(name) or self
-
-        def savefig(self, path, format, dpi):
-            calls.append("savefig")
-            path.write_bytes(f"{format}:{dpi}".encode())
-    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", types.SimpleNamespace(Figure=Figure))
-    h, d = torch.rand(30), torch.rand(30)
-    quadrant = torch.randint(1, 5, (30,))
-    report = {"summary": {"h_split": 0.5, "d_split": 0.5, "tokens": 30, "split": "median"},
+def test_the_taxonomy_picture_is_a_png_with_each_quadrant_in_its_colour(tmp_path, monkeypatch):
+    from matplotlib import colors, image
+    g = torch.Generator().manual_seed(0)
+    h, d = torch.rand(400, generator=g), torch.rand(400, generator=g)
+    quadrant = tip.load_select().quadrants(h, d, torch.ones(400, dtype=torch.bool), 0.5, 0.5)
+    report = {"summary": {"h_split": 0.5, "d_split": 0.5, "tokens": 400, "split": "given"},
               "quadrants": evaluate.quadrant_report(h, h, d, quadrant)}
     path = tmp_path / "new" / "fig.png"
-    assert evaluate.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, path, max_points=10) is True
-    assert path.read_bytes() == b"png:120" and calls.count("scatter") == 4 and calls[-1] == "savefig"
+    assert evaluate.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, path) is True
+    pixels = image.imread(path)[..., :3]
+    assert pixels.shape[:2] == (576, 768)  # 6.4 × 4.8 inches at 120 dpi
+    for name in ("tab:red", "tab:orange", "tab:purple", "tab:green"):  # Q1..Q4, alpha-blended on white
+        blended = torch.tensor(colors.to_rgb(name)) * 0.5 + 0.5
+        distance = (torch.from_numpy(pixels.copy()) - blended).abs().amax(-1)
+        assert (distance < 0.06).sum() > 20, name
     assert [p.name for p in path.parent.iterdir()] == ["fig.png"]  # no temporary file left behind
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # matplotlib is optional: no picture, no error
+    assert evaluate.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()

@@ -177,5 +177,13 @@ def test_ddp_wrapped_model(model, tokenizer, prompts, tmp_path):
 def test_bad_arguments(model, tokenizer, prompts):
     with pytest.raises(ValueError, match="n >= 1"):
         rollout.generate_rollouts(model, tokenizer, prompts, n=0, max_new_tokens=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need prompts, n >= 1 and max_new_tokens >= 1 \(got 0, 1, 4\)"):
         rollout.generate_rollouts(model, tokenizer, [], n=1, max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        rollout.generate_rollouts(model, tokenizer, [prompts[0], ""], n=1, max_new_tokens=4)
+    no_eos = copy.deepcopy(tokenizer)
+    no_eos.eos_token = None
+    bare = copy.deepcopy(model)
+    bare.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="names an EOS token"):
+        rollout.generate_rollouts(bare, no_eos, prompts, n=1, max_new_tokens=4)

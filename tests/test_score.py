@@ -147,6 +147,26 @@ def test_bf16_loss_is_close_to_float64_and_returns_bf16_gradients():
     assert bf[0].grad.dtype == torch.bfloat16 and bf[1].grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_bf16_autocast_with_fp32_weights_matches_float64_autograd(divergence):
+    """train.py's GPU precision: fp32 master weights under bf16 autocast, so the matmuls run in bf16 while the
+    head's gradient accumulates in fp32. torch.autocast("cpu") takes the same branch of the chunked loss."""
+    hs, ws, ht, wt = random_rows(40, v_s=300, v_t=300)
+    hs32, ws32 = hs.float().requires_grad_(), ws.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = score.distillation_loss(hs32, ws32, ht.float(), wt.float(), chunk_size=16, divergence=divergence)
+    got = torch.autograd.grad(loss, [hs32, ws32])
+    assert loss.dtype == torch.float32 and got[0].dtype == got[1].dtype == torch.float32
+    # the reference sees the inputs the bf16 matmuls see
+    rounded = [x.bfloat16().double() for x in (hs, ws, ht, wt)]
+    rounded[0].requires_grad_(), rounded[1].requires_grad_()
+    want_loss = plain_divergence(rounded[0] @ rounded[1].T, rounded[2] @ rounded[3].T, divergence).mean()
+    want = torch.autograd.grad(want_loss, rounded[:2])
+    assert loss.item() == pytest.approx(want_loss.item(), rel=2e-2)
+    for g, w in zip(got, want):  # bf16 keeps 8 bits of mantissa: a few 1e-3 of each gradient's scale
+        torch.testing.assert_close(g.double(), w, atol=2e-2 * w.abs().max().item(), rtol=0)
+
+
 def test_student_equal_teacher_gives_zero_loss_and_zero_gradient():
     hs, ws, _, _ = random_rows(20)
     hs.requires_grad_(), ws.requires_grad_()
@@ -204,6 +224,14 @@ def test_bad_arguments_are_clear_errors():
         score.reverse_kl_loss(hs, ws[:, :5], ht, wt)
     with pytest.raises(ValueError, match=r"\[N, d\]"):
         score.chunked_token_stats(hs[None], ws, ht[None], wt)
+    with pytest.raises(ValueError, match="jsd_beta"):
+        score.distillation_loss(hs, ws, ht, wt, divergence="jsd", jsd_beta=1.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        score.distillation_loss(hs, ws, ht, wt, chunk_size=0)
+    with pytest.raises(ValueError, match="every dim but the vocabulary"):
+        score.token_stats(torch.zeros(3, 5), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="unknown divergence"):
+        score.divergence_and_grad(torch.zeros(3, 5), torch.zeros(3, 5), "tvd")
 
 
 class LargestTensor(TorchDispatchMode):

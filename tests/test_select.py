@@ -189,6 +189,18 @@ def test_q3_keeps_confident_and_wrong_drops_high_entropy():
     assert kept[5] and not kept[1:5].any()
 
 
+def test_q3_ranks_confident_tokens_by_forward_not_reverse_kl():
+    """Two confident tokens, each wrong by one of the KLs: Q3-only keeps the one the teacher's own choice is
+    missed on (forward KL, Table 8), not the one with the larger reverse KL."""
+    entropy = torch.tensor([[0.01, 0.01, 2.0, 2.0, 0.02, 0.02]])
+    reverse_kl = torch.tensor([[3.0, 0.5, 0.1, 0.1, 0.01, 0.01]])
+    forward_kl = torch.tensor([[0.5, 3.0, 0.1, 0.1, 0.01, 0.01]])
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    assert sel.select_tokens("q3", Stats(entropy, reverse_kl, forward_kl), mask, ratio=0.2)[0].tolist() == \
+        [False, True, False, False, False, False]
+    assert sel.select_tokens("divergence", Stats(entropy, reverse_kl, forward_kl), mask, ratio=0.2)[0, 0]
+
+
 def test_entropy_top_blind_spot_prop2():
     stats, mask = hand_built()
     for ratio in (0.1, 0.2, 0.3, 0.4):
@@ -294,6 +306,13 @@ def test_errors_are_clear_value_errors():
         sel.select_tokens("all", stats, mask, ratio=0.5)
     with pytest.raises(ValueError, match="NaN"):
         sel.select_tokens("q3", stats._replace(forward_kl=torch.where(mask, math.nan, 0.0)), mask)
+    with pytest.raises(ValueError, match=r"\[rollouts, positions\]"):
+        sel.select_tokens("type_aware", stats._replace(**{k: v.flatten() for k, v in stats._asdict().items()}),
+                          mask.flatten())
+    with pytest.raises(ValueError, match="differ in shape"):
+        sel.normalize(stats.entropy, mask[:, :-1])
+    with pytest.raises(ValueError, match="must have one shape"):
+        sel.quadrants(stats.entropy, stats.reverse_kl[:, :-1], mask)
 
 
 def test_rules_table():

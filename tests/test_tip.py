@@ -211,6 +211,23 @@ def test_load_prompts_errors_name_the_source(tmp_path, tokenizer, monkeypatch):
         tip.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
 
 
+def test_a_prompt_that_is_neither_text_nor_a_user_turn_is_named(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": [{"role": "system", "content": "be brief"}]}])
+    with pytest.raises(tip.InputError, match="odd.jsonl: a prompt is neither text nor chat messages with a user turn"):
+        tip.load_prompts(tip.Config(prompts=path), tokenizer)
+
+
+def test_chat_template_switches_reach_the_template(tokenizer):
+    template = "{% if enable_thinking is defined and not enable_thinking %}NOTHINK{% endif %}{{ messages[0].content }}"
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template
+    switches = tip.template_switches(tip.Config())  # the default turns thinking off
+    assert tip.format_prompt(tokenizer, "1+2", switches) == "NOTHINK1+2"
+    assert tip.format_prompt(tokenizer, "1+2", tip.template_switches(tip.Config(chat_template_kwargs="{}"))) == "1+2"
+    with pytest.raises(tip.InputError, match="is not a JSON object"):
+        tip.template_switches(tip.Config(chat_template_kwargs="[1]"))
+
+
 def test_built_in_world_problems_are_asked_bare(tokenizer):
     prompts = tip.load_prompts(tip.Config(prompts="toy"), tokenizer, [{"problem": "1+2", "answer": 3}])
     assert prompts == [{"prompt": tip.format_prompt(tokenizer, "1+2"), "answer": "3"}]  # bare, as trained

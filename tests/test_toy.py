@@ -77,6 +77,8 @@ def test_toy_problems_without_a_world_and_bad_input():
         toy.make_splits(dataclasses.replace(TINY, operators="*"))
     with pytest.raises(ValueError, match="operands"):
         toy.make_splits(dataclasses.replace(TINY, min_operands=1))
+    with pytest.raises(ValueError, match="digits=5: use 1 to 4"):
+        toy.make_splits(dataclasses.replace(TINY, digits=5))
     with pytest.raises(ValueError, match="distinct"):
         toy.make_splits(dataclasses.replace(TINY, max_operands=2, test_problems=1000))
 

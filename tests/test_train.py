@@ -211,6 +211,14 @@ def test_exclude_mistakes_never_keeps_them_and_counts_them():
     assert excluded["kept_tokens"] == plain["kept_tokens"] - int(counted.sum())
 
 
+def test_a_response_at_the_first_position_is_refused():
+    teacher, student = make_pair()
+    batch = make_batch()
+    batch.response_mask[2, 0] = True
+    with pytest.raises(ValueError, match="every row needs a prompt token first"):
+        train.accumulate_gradients(student, teacher, batch, config(), None)
+
+
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     c = config(lr=1.0, steps=110, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [train.cosine_lr(s, c) for s in range(110)]
@@ -400,10 +408,20 @@ def test_bad_flags_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             train.parse_config(argv)
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_config(["--fsdp"])
+    assert "--fsdp shards over processes: launch with torchrun" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "9")
     with pytest.raises(SystemExit):
         train.parse_config(["--prompts-per-step", "2", "--rollouts-per-prompt", "4"])
     assert "9 processes but only 2 prompts x 4 rollouts = 8 rollouts per step" in capsys.readouterr().err
+
+
+def test_too_few_prompts_for_the_processes_is_an_input_error(pair_and_prompts, tmp_path, monkeypatch):
+    """12 prompts × 2 rollouts, but --prompts-per-step 1 gives a step 2 rollouts: 3 processes cannot share them."""
+    monkeypatch.setattr(tip, "world_size", lambda: 3)
+    with pytest.raises(SystemExit, match="cannot give each of 3 processes a rollout"):
+        train.main(cli(pair_and_prompts, tmp_path, "few", "--prompts-per-step", "1"))
 
 
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
@@ -434,11 +452,12 @@ def test_toy_main_job_runs_end_to_end(tmp_path, monkeypatch, capsys):
     world = toy.toy_world(tmp_path / "cache", recipe=recipe, log=lambda *args: None)
     monkeypatch.setattr(toy, "toy_world", lambda *args, **kwargs: world)
     train.main(["--steps", "2", "--eval-problems", "4", "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
-                "--out-dir", str(tmp_path), "--run-name", "toy"])
+                "--eval-every", "2", "--out-dir", str(tmp_path), "--run-name", "toy"])
     out = capsys.readouterr().out
     assert "held-out accuracy before training" in out and "held-out accuracy after training" in out
     config = json.loads((tmp_path / "toy" / "config.json").read_text())
     assert config["prompts"] == "toy" and config["lr"] == tip.PRESETS["toy"]["lr"]
     lines = comparable(tmp_path / "toy" / "metrics.jsonl")
     assert len(lines) == 2 and all("mistake_tokens" in line for line in lines)
+    assert "held_out_accuracy" not in lines[0] and 0 <= lines[1]["held_out_accuracy"] <= 1
     assert (tmp_path / "toy" / "final" / "model.safetensors").exists()
