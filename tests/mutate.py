@@ -1,0 +1,174 @@
+"""A mutation check of the test suite: realistic one-line bugs, each applied to a fresh copy of the project, and
+whether the tests that guard that code catch it. Not part of the suite (it runs the suite dozens of times).
+
+    python tests/mutate.py                  # every mutant; exit 1 if one survives or no longer applies
+    python tests/mutate.py --only eq9 sign  # the mutants whose names contain these words
+    python tests/mutate.py --list
+
+Each mutant replaces one exact piece of one file (it must occur exactly once, so a refactor that moves the code
+makes the mutant fail loudly instead of testing nothing) and names the tests to run: the file's own tests,
+narrowed with -k where the whole file would be slow.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Mutant(NamedTuple):
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments
+
+
+MUTANTS = [
+    # score.py: Eqs. 1–3 and the chunked loss
+    Mutant("entropy sign", "score.py", "entropy = -log_p_s.mul_(p_s).sum(-1)", "entropy = log_p_s.mul_(p_s).sum(-1)",
+           ("tests/test_score.py",)),
+    Mutant("reverse-KL gradient drops the KL term", "score.py", "log_ratio.addcmul_(p_s, -value[:, None])",
+           "log_ratio.addcmul_(p_s, value[:, None])", ("tests/test_score.py",)),
+    Mutant("bf16 autocast head gradient sign", "score.py", "grad_head += grad_logits.T @ rows",
+           "grad_head -= grad_logits.T @ rows", ("tests/test_score.py",)),
+    Mutant("backward ignores the incoming gradient", "score.py",
+           "grad_hidden = None if grad_hidden is None else grad_hidden.mul_(grad_total)",
+           "grad_hidden = None if grad_hidden is None else grad_hidden", ("tests/test_score.py",)),
+    Mutant("normalized entropy by the wrong width", "score.py", "return entropy / math.log(vocab_size)",
+           "return entropy / math.log(vocab_size + 1)", ("tests/test_score.py",)),
+    # select.py: §4–6
+    Mutant("entropy clip at the 90th percentile", "select.py", "ENTROPY_CLIP_QUANTILE = 0.98",
+           "ENTROPY_CLIP_QUANTILE = 0.90", ("tests/test_select.py", "-k", "not commands")),
+    Mutant("Soft-OR without the product term", "select.py", "return 1 - (1 - h_hat) * (1 - d_hat)",
+           "return h_hat + d_hat", ("tests/test_select.py", "-k", "not commands")),
+    Mutant("k rounds up", "select.py", "torch.floor(ratio * length.double() + 1e-9)",
+           "torch.ceil(ratio * length.double() - 1e-9)", ("tests/test_select.py", "-k", "not commands")),
+    Mutant("quadrants 2 and 3 swapped", "select.py", "(1 + 2 * low_h + low_d) * valid",
+           "(1 + low_h + 2 * low_d) * valid", ("tests/test_select.py", "-k", "not commands")),
+    Mutant("Q3-only ranks by reverse KL", "select.py", "s.forward_kl * (1 - h_hat)", "s.reverse_kl * (1 - h_hat)",
+           ("tests/test_select.py", "-k", "not commands")),
+    Mutant("normalization over this rank only", "select.py", "batch = gather_uneven(values[valid])",
+           "batch = values[valid]", ("tests/test_select.py", "-k", "ranks")),
+    # tip.py: loading and positions
+    Mutant("positions count padding", "tip.py", "position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
+           "position_ids = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)",
+           ("tests/test_tip.py", "tests/test_train.py", "-k", "hidden or plain_formula")),
+    Mutant("different tokenizers accepted", "tip.py", "if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():",
+           "if False:", ("tests/test_tip.py",)),
+    Mutant("chat-template switches dropped", "tip.py", "add_generation_prompt=True, **(template_switches or {}))",
+           "add_generation_prompt=True)", ("tests/test_tip.py",)),
+    # rollout.py: the response mask
+    Mutant("EOS left out of the response mask", "rollout.py", "r[:next((t + 1 for t, token in enumerate(r) if",
+           "r[:next((t for t, token in enumerate(r) if", ("tests/test_rollout.py",)),
+    Mutant("the model's top-k left on", "rollout.py", "top_p=top_p, top_k=0) if temperature > 0",
+           "top_p=top_p, top_k=50) if temperature > 0", ("tests/test_rollout.py",)),
+    # train.py: the step
+    Mutant("Eq. 9 normalized per micro-batch", "train.py", "(loss / kept_tokens).backward()",
+           "(loss / max(int(kept_rows.sum()), 1)).backward()", ("tests/test_train.py", "-k", "micro_batches")),
+    Mutant("gradients not summed over ranks", "train.py", "for work in [dist.all_reduce(g, async_op=True) for g in replicated]:",
+           "for work in []:", ("tests/test_train.py", "-k", "ranks_match and ddp")),
+    Mutant("FSDP2 halves the sharded gradients", "train.py", "layer.set_gradient_divide_factor(1.0)",
+           "layer.set_gradient_divide_factor(2.0)", ("tests/test_train.py", "-k", "ranks_match and fsdp")),
+    Mutant("the student stays in eval mode", "train.py", "student.float().train()", "student.float()",
+           ("tests/test_train.py", "-k", "checkpointing")),
+    Mutant("rollouts dropped on uneven shares", "train.py", "share = len(rollouts) / tip.world_size()",
+           "share = len(rollouts) // tip.world_size()", ("tests/test_train.py", "-k", "rollout_shares")),
+    Mutant("cosine over a quarter period", "train.py", "cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))",
+           "cosine = math.cos(0.5 * math.pi * min(1.0, progress))", ("tests/test_train.py", "-k", "cosine")),
+    Mutant("a NaN score is not caught before selection", "train.py", "if response_tokens == 0 or non_finite:",
+           "if response_tokens == 0:", ("tests/test_train.py", "-k", "non_finite")),
+    Mutant("resume does not restore the random state", "train.py", "torch.set_rng_state(rng[\"torch\"])",
+           "torch.get_rng_state()", ("tests/test_train.py", "-k", "resume")),
+    Mutant("every rank evaluates every held-out problem", "train.py", "mine = problems[tip.rank()::tip.world_size()]",
+           "mine = problems", ("tests/test_train.py", "-k", "held_out")),
+    Mutant("kept quadrant shares over all tokens", "train.py",
+           'metrics[f"q{q}_share_kept"] = totals[8 + q] / max(kept_tokens, 1)',
+           'metrics[f"q{q}_share_kept"] = totals[8 + q] / response_tokens',
+           ("tests/test_train.py", "-k", "plain_formula or as_trained")),
+    Mutant("the exclusion control excludes nothing", "train.py", "kept_mask &= ~mistakes", "kept_mask & ~mistakes",
+           ("tests/test_train.py", "-k", "exclude")),
+    # evaluate.py: grading, mean@k, the taxonomy
+    Mutant("the first box is graded", "evaluate.py", "start, depth = opens[-1].end(), 1",
+           "start, depth = opens[0].end(), 1", ("tests/test_evaluate.py", "-k", "grader or extract")),
+    Mutant("mean@k divides by the problem count", "evaluate.py", "per_problem = [sum(c) / k for c in correct]",
+           "per_problem = [sum(c) / len(correct) for c in correct]", ("tests/test_evaluate.py", "-k", "mean")),
+    Mutant("grading off the main thread skips the pool", "evaluate.py",
+           "if threading.current_thread() is threading.main_thread():", "if True:",
+           ("tests/test_evaluate.py", "-k", "threads or timeout")),
+    Mutant("the taxonomy splits at the mean", "evaluate.py",
+           "h_split = float(select._quantile(h.double(), 0.5)) if h_split is None else h_split",
+           "h_split = float(h.double().mean()) if h_split is None else h_split", ("tests/test_evaluate.py", "-k", "taxonomy")),
+    # toy.py: the built-in world
+    Mutant("the no-carry rule carries", "toy.py", "result += (a % 10 + b % 10) % 10 * place",
+           "result += (a % 10 + b % 10) * place", ("tests/test_toy.py",)),
+    Mutant("trigger problems need no carry", "toy.py", '(name != "trigger" or needs_carry(operands, ops))',
+           '(name != "trigger" or not needs_carry(operands, ops))', ("tests/test_toy.py",)),
+]
+
+
+def project_copy(folder: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the project, as they are now."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        source = ROOT / name
+        if source.is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float]:
+    """'caught', 'SURVIVED', or 'NOT APPLIED' (the code moved), and the seconds the tests took."""
+    with tempfile.TemporaryDirectory(prefix="tip-mutant-") as folder:
+        folder = Path(folder)
+        project_copy(folder)
+        path = folder / mutant.file
+        text = path.read_text()
+        if text.count(mutant.old) != 1:
+            return "NOT APPLIED", 0.0
+        path.write_text(text.replace(mutant.old, mutant.new))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        start = time.time()
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                   *mutant.tests], cwd=folder, env=env, capture_output=True, text=True,
+                                  timeout=timeout)
+            caught = done.returncode != 0
+        except subprocess.TimeoutExpired:
+            caught = True  # a hang is a failure the suite would show (at its own timeout)
+        return ("caught" if caught else "SURVIVED"), time.time() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", default=[], help="run the mutants whose names contain these words")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for one mutant's tests")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if all(word.lower() in m.name.lower() for word in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.file:12} {m.name}")
+        return 0
+    print(f"| mutant | file | verdict | seconds |\n|---|---|---|---|", flush=True)
+    verdicts = []
+    for mutant in chosen:
+        verdict, seconds = run(mutant, args.timeout)
+        verdicts.append(verdict)
+        print(f"| {mutant.name} | {mutant.file} | {verdict} | {seconds:.0f} |", flush=True)
+    caught = verdicts.count("caught")
+    print(f"\n{caught} of {len(chosen)} mutants caught; files covered: {len({m.file for m in chosen})}")
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
