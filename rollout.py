@@ -10,13 +10,20 @@ The hidden state at position p predicts the token at p+1, so the scored rows are
 `hidden[:, :-1][response_mask[:, 1:]]`. Sampling uses the paper's two knobs only (temperature, top-p; §7.1):
 the model's own sampling defaults (Qwen3 ships top-k 20 and temperature 0.6; transformers adds top-k 50)
 are switched off, since they would change the distribution the student is trained on.
+
+Two engines sample the same rollouts: transformers `generate` (`generate_rollouts`, always there) and vLLM
+(`VLLMEngine`, optional: pip install -r requirements-vllm.txt), which runs in this process beside the trainer
+and receives the student's weights after every optimizer step (`sync`), so its samples stay on-policy.
 """
 from __future__ import annotations
 
+import copy
+import os
+import random
+import tempfile
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GenerationConfig
 
@@ -42,6 +49,48 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded [P, W] batch (ids, attention mask), W the longest."""
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, tokens in enumerate(encoded):
+        ids[i, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[i, width - len(tokens):] = 1
+    return ids, mask
+
+
+def to_rollouts(tokenizer, encoded: list[list[int]], responses: list[list[int]], n: int, eos: list[int], pad: int,
+                device) -> Rollouts:
+    """The layout above from token lists, for every engine: `encoded` holds the P prompts, `responses` the
+    P * n sampled continuations, prompt-major (row i * n + j is sample j of prompt i). A row ends at its first
+    EOS, which the mask keeps; whatever an engine emitted after it is dropped."""
+    responses = [r[:next((t + 1 for t, token in enumerate(r) if token in eos), len(r))] for r in responses]
+    prompt_ids, prompt_mask = (t.repeat_interleave(n, 0) for t in left_padded(encoded, pad))
+    response_ids = torch.full((len(responses), max(map(len, responses))), pad, dtype=torch.long)
+    sampled = torch.zeros(response_ids.shape, dtype=torch.bool)
+    for b, tokens in enumerate(responses):
+        response_ids[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        sampled[b, :len(tokens)] = True
+    return Rollouts(
+        input_ids=torch.cat([prompt_ids, response_ids], 1).to(device),
+        attention_mask=torch.cat([prompt_mask, sampled.long()], 1).to(device),
+        response_mask=torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), sampled], 1).to(device),
+        prompt_lengths=prompt_mask.sum(1).to(device),
+        prompt_index=torch.arange(len(encoded), device=device).repeat_interleave(n),
+        texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
+    )
+
+
+def _encode(tokenizer, prompts: list[str], n: int, max_new_tokens: int) -> list[list[int]]:
+    if not prompts or n < 1 or max_new_tokens < 1:
+        raise ValueError(f"need prompts, n >= 1 and max_new_tokens >= 1 (got {len(prompts)}, {n}, {max_new_tokens})")
+    encoded = tip.encode_prompts(tokenizer, prompts)
+    if min(map(len, encoded)) == 0:
+        raise ValueError(f"prompt {min(range(len(encoded)), key=lambda i: len(encoded[i]))} has no tokens")
+    return encoded
+
+
 def generate_rollouts(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature=1.0,
                       top_p=1.0, seed=None, batch_size=None, show_progress=False) -> Rollouts:
     """Sample n rollouts y ~ S_θ(·|x) per formatted prompt x (§3), batched with left padding and the KV cache.
@@ -51,22 +100,13 @@ def generate_rollouts(model, tokenizer, prompts: list[str], n: int, max_new_toke
     None). A DDP-wrapped model samples through its inner module; a model in training mode (gradient
     checkpointing or not) samples in eval mode with the cache and is put back in training mode.
     """
-    if not prompts or n < 1 or max_new_tokens < 1:
-        raise ValueError(f"need prompts, n >= 1 and max_new_tokens >= 1 (got {len(prompts)}, {n}, {max_new_tokens})")
+    encoded = _encode(tokenizer, prompts, n, max_new_tokens)
     inner = tip.unwrap(model)
     device = next(inner.parameters()).device
     eos = eos_token_ids(inner, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    encoded = tip.encode_prompts(tokenizer, prompts)
-    if min(map(len, encoded)) == 0:
-        raise ValueError(f"prompt {min(range(len(encoded)), key=lambda i: len(encoded[i]))} has no tokens")
-    width = max(map(len, encoded))
-    prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        prompt_ids[i, width - len(ids):] = torch.tensor(ids)
-        prompt_mask[i, width - len(ids):] = 1
-    prompt_ids, prompt_mask = (t.repeat_interleave(n, 0).to(device) for t in (prompt_ids, prompt_mask))
+    prompt_ids, prompt_mask = (t.repeat_interleave(n, 0).to(device) for t in left_padded(encoded, pad))
+    width = prompt_ids.shape[1]
     rows = prompt_ids.shape[0]
     batch_size = batch_size or rows
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
@@ -97,20 +137,118 @@ def generate_rollouts(model, tokenizer, prompts: list[str], n: int, max_new_toke
         inner.generation_config = model_generation_config
         inner.train(was_training)
         bar.close()
-    steps = max(r.shape[1] for r in responses)
-    response = torch.cat([F.pad(r, (0, steps - r.shape[1]), value=pad) for r in responses])
-    # A row ends at its first EOS. Generate pads finished rows with pad, which may be the EOS token itself,
-    # so the mask is built from the position of the first EOS, not from comparisons with pad.
-    is_eos = torch.isin(response, torch.tensor(eos, device=response.device)).long()
-    sampled = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first EOS
-    response = response.masked_fill(~sampled, pad)
-    texts = tokenizer.batch_decode([row[keep].tolist() for row, keep in zip(response.cpu(), sampled.cpu())],
-                                   skip_special_tokens=True)
-    return Rollouts(
-        input_ids=torch.cat([prompt_ids, response], 1),
-        attention_mask=torch.cat([prompt_mask, sampled.long()], 1),
-        response_mask=torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), sampled], 1),
-        prompt_lengths=prompt_mask.sum(1),
-        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(n),
-        texts=texts,
-    )
+    # rows may continue past their first EOS (generate pads finished rows, and pad may be EOS itself)
+    return to_rollouts(tokenizer, encoded, [row for r in responses for row in r.tolist()], n, eos, pad, device)
+
+
+def require_vllm():
+    """The vllm module, or an InputError that says how to install it (the core install does without it)."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise tip.InputError(f"the vLLM engine needs vllm ({error}): pip install -r requirements-vllm.txt") from error
+    return vllm
+
+
+class VLLMEngine:
+    """Rollouts y ~ S_θ(·|x) (§3) from vLLM's offline engine, in this process beside the trainer.
+
+    Create it once from the student; after every optimizer step (and after a resume) `sync(student)` pushes
+    θ into it, so the samples stay on-policy. `generate` returns exactly `generate_rollouts`' layout, stop
+    tokens and sampling (temperature and top-p only). On GPU, `sleep()` frees the engine's memory for the
+    training step; the next `sync` wakes it. `dtype` "auto" is bf16 where vLLM runs on GPU, fp32 on CPU.
+    """
+
+    def __init__(self, model, tokenizer, max_model_len: int | None = None, gpu_memory_utilization: float = 0.5,
+                 dtype="auto", seed: int = 0):
+        vllm = require_vllm()
+        from vllm.platforms import current_platform
+        # in-process: a separate engine process would re-import the caller's main module
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:  # vLLM's CPU backend otherwise reserves gpu_memory_utilization of all RAM
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB
+        inner = tip.unwrap(model)
+        self.tokenizer, self.device = tokenizer, next(inner.parameters()).device
+        self.eos = eos_token_ids(inner, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        # vLLM builds the model from a folder: config and tokenizer only; the weights come from sync()
+        self._folder = tempfile.TemporaryDirectory(prefix="tip-vllm-")
+        config = copy.deepcopy(inner.config)
+        config.architectures = config.architectures or [type(inner).__name__.removeprefix("FSDP")]
+        config.save_pretrained(self._folder.name)
+        tokenizer.save_pretrained(self._folder.name)
+        import numpy
+        self._devices = [] if on_cpu else [torch.cuda.current_device()]
+        states = random.getstate(), numpy.random.get_state()
+        with torch.random.fork_rng(devices=self._devices):  # vLLM reseeds every generator
+            self.llm = vllm.LLM(
+                model=self._folder.name, load_format="dummy", seed=seed, max_model_len=max_model_len,
+                dtype=tip.torch_dtype(dtype, "cpu" if on_cpu else "cuda"), enforce_eager=on_cpu,
+                gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=not on_cpu,
+                # a partly prefilled request rewinds its seeded generator, which CPU generators cannot do
+                enable_chunked_prefill=not on_cpu,
+                generation_config="vllm",  # no sampling defaults from the model's generation config
+                # under torchrun each rank runs its own engine on its own GPU (LOCAL_RANK)
+                distributed_executor_backend="external_launcher" if tip.world_size() > 1 else None)
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
+        self.can_sleep, self.asleep, self.stale = not on_cpu, False, True
+        self.sync(model)
+
+    def sync(self, model) -> None:
+        """Load the current weights θ of the transformers `model` into the engine (waking it if asleep).
+        Sharded FSDP2 parameters are gathered with full_tensor(), a collective: every rank must call this."""
+        self.wake_up()
+        weights = ((name, p.full_tensor() if hasattr(p, "full_tensor") else p.detach())
+                   for name, p in tip.unwrap(model).named_parameters())
+        # the model runner's in-place reload; the model's own load_weights fails once vLLM repacked the weights
+        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
+        self.llm.reset_prefix_cache()  # cached prompt keys and values came from the old weights
+        self.stale = False
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights and KV cache) during the training step. vLLM has no sleep
+        mode on CPU, where this does nothing."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=2)  # level 2 discards the weights too: the next sync() overwrites them anyway
+            self.asleep, self.stale = True, True
+
+    def wake_up(self) -> None:
+        """Take the memory back; the weights are stale until the next sync()."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down (as garbage collection would). vLLM's teardown also destroys torch.distributed's
+        default process group, the training one under torchrun: keep one engine for the whole run and close it
+        after the last collective (then skip dist.destroy_process_group())."""
+        self.llm.llm_engine.engine_core.shutdown()
+        self._folder.cleanup()
+
+    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature=1.0, top_p=1.0, seed=None,
+                 show_progress=False) -> Rollouts:
+        """`generate_rollouts` through the engine: same layout, stop tokens and sampling; temperature 0 is
+        greedy. With a `seed` the samples are reproducible, whatever else the engine runs."""
+        from vllm import SamplingParams
+        if self.stale:
+            raise ValueError("the engine's weights are stale after sleep(): call sync(model) first")
+        encoded = _encode(self.tokenizer, prompts, n, max_new_tokens)
+        limit = self.llm.llm_engine.model_config.max_model_len
+        if max(map(len, encoded)) + max_new_tokens > limit:
+            raise ValueError(f"prompt + max_new_tokens = {max(map(len, encoded)) + max_new_tokens} exceeds the "
+                             f"engine's max_model_len {limit}: rollouts would be cut short")
+        copies = n if temperature <= 0 else 1  # vLLM decodes greedily once per prompt: n equal rows
+        # vLLM seeds the n samples of a request with s, s + 1, ...: each prompt draws its own s
+        draw = random.Random(seed)
+        params = [SamplingParams(n=n // copies, max_tokens=max_new_tokens, temperature=max(temperature, 0.0),
+                                 top_p=top_p, top_k=0, seed=None if seed is None else draw.randrange(2 ** 31),
+                                 detokenize=False, ignore_eos=True, stop_token_ids=self.eos)  # our EOS list only
+                  for _ in encoded]
+        with torch.random.fork_rng(devices=self._devices, enabled=seed is not None):  # vLLM draws from it too
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params,
+                                        use_tqdm=show_progress)
+        responses = [list(c.token_ids) for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)
+                     for _ in range(copies)]
+        return to_rollouts(self.tokenizer, encoded, responses, n, self.eos, self.pad, self.device)
