@@ -257,12 +257,15 @@ def run_benchmark(problems: list[dict], prompts: list[str], generate, samples: i
 
 
 def model_generator(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                    batch_size: int | None):
-    """`generate(prompts, n)` for run_benchmark: rollouts y ~ S(·|x) (§3), temperature 0 = greedy, seed + call."""
+                    batch_size: int | None, engine=None):
+    """`generate(prompts, n)` for run_benchmark: rollouts y ~ S(·|x) (§3), temperature 0 = greedy, seed + call;
+    through `engine` (a rollout.VLLMEngine holding the model's weights) when given, else transformers generate."""
     from rollout import generate_rollouts
     calls = iter(range(1 << 62))
 
     def generate(prompts: list[str], n: int) -> list[str]:
+        if engine is not None:
+            return engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed=seed + next(calls)).texts
         return generate_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p,
                                  seed=seed + next(calls), batch_size=batch_size).texts
     return generate
@@ -451,6 +454,10 @@ def main(argv: list[str] | None = None) -> None:
     add("--save-responses", action="store_true", help="keep every full response in the JSON")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     add("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="auto: bf16 on GPU")
+    add("--engine", default="hf", choices=["hf", "vllm"], help="mean@k sampler: transformers generate, or vLLM "
+        "(pip install -r requirements-vllm.txt)")
+    add("--gpu-memory-utilization", type=float, default=0.5, help="--engine vllm: share of GPU memory vLLM takes "
+        "for weights and KV cache (the transformers copy of the model sits beside it)")
     add("--world-dir", default="", help="built-in worlds' cache folder (default $TIP_CACHE or ~/.cache/tip)")
     add("--taxonomy", action="store_true", help="report the quadrants of §4 for a teacher/student pair")
     add("--teacher", default="", help="taxonomy: teacher folder or hub id (both empty = the toy pair)")
@@ -494,13 +501,25 @@ def main(argv: list[str] | None = None) -> None:
         if not args.model or not (args.benchmark or args.data):
             parser.error("pass --model and --benchmark (or --data), or --taxonomy")
         problems = load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
+        import rollout
+        if args.engine == "vllm":
+            rollout.require_vllm()  # before the model loads
         model, tokenizer = load_model(args.model, args.device, args.dtype, args.world_dir)
         bare = args.benchmark in WORLDS  # the worlds' models were trained on bare problems, whatever the source
         max_new_tokens = args.max_new_tokens or (48 if bare else 8192)
+        prompts, engine = benchmark_prompts(problems, tokenizer, bare), None
+        if args.engine == "vllm":
+            longest = max(map(len, tip.encode_prompts(tokenizer, prompts)))
+            engine = rollout.VLLMEngine(model, tokenizer, longest + max_new_tokens, args.gpu_memory_utilization,
+                                        args.dtype, args.seed)
         generate = model_generator(model, tokenizer, max_new_tokens, temperature, args.top_p, args.seed,
-                                   args.batch_size)
-        summary, results = run_benchmark(problems, benchmark_prompts(problems, tokenizer, bare), generate,
-                                         samples, args.batch_size, args.save_responses)
+                                   args.batch_size, engine)
+        try:
+            summary, results = run_benchmark(problems, prompts, generate, samples, args.batch_size,
+                                             args.save_responses)
+        finally:
+            if engine is not None:
+                engine.close()
         label = args.benchmark or Path(args.data).stem
         summary = {"benchmark": label, "model": args.model, "metric": "pass@1 (greedy)" if args.greedy
                    else f"mean@{samples}", **summary, "data": args.data or None, "temperature": temperature,
