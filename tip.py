@@ -182,6 +182,28 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+def run_main(main) -> None:
+    """Run a script's `main()` and exit with its code; a torchrun worker exits without interpreter finalization.
+
+    Why: a gloo worker thread drops its reference to a finished collective (and so to the tensors it moved)
+    just after the main thread's wait() returns. When the main thread finishes first and Python has begun
+    finalizing, that last release of a Python-made tensor can no longer take the GIL, and the process aborts
+    ("terminate called without an active exception", SIGABRT), rarely and more often on a loaded machine.
+    Everything is written, the process group ended and the streams flushed before os._exit."""
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    if "RANK" not in os.environ:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a DistributedDataParallel wrapper (nanoGPT's `raw_model`)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -485,4 +485,4 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    tip.run_main(main)

@@ -333,19 +333,25 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, root)
     import torch, torch.distributed as dist
     import tip
-    sel = tip.load_select()
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    batch = torch.load(f"{folder}/in{rank}.pt")
-    stats, mask = SimpleNamespace(**batch["stats"]), batch["mask"]
-    out = {"gathered": sel.gather_uneven(stats.entropy[mask]),
-           "h_hat": sel.normalize(stats.entropy, mask, 0.98), "d_hat": sel.normalize(stats.reverse_kl, mask),
-           "quadrants": sel.quadrants(stats.entropy, stats.reverse_kl, mask)}
-    for rule in sys.argv[3:]:
-        for ratio in ([1.0] if rule == "all" else [None, 0.2]):
-            out[rule, ratio] = sel.select_tokens(rule, stats, mask, ratio=ratio)
-    torch.save(out, f"{folder}/out{rank}.pt")
-    dist.destroy_process_group()
+
+
+    def main():
+        sel = tip.load_select()
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        batch = torch.load(f"{folder}/in{rank}.pt")
+        stats, mask = SimpleNamespace(**batch["stats"]), batch["mask"]
+        out = {"gathered": sel.gather_uneven(stats.entropy[mask]),
+               "h_hat": sel.normalize(stats.entropy, mask, 0.98), "d_hat": sel.normalize(stats.reverse_kl, mask),
+               "quadrants": sel.quadrants(stats.entropy, stats.reverse_kl, mask)}
+        for rule in sys.argv[3:]:
+            for ratio in ([1.0] if rule == "all" else [None, 0.2]):
+                out[rule, ratio] = sel.select_tokens(rule, stats, mask, ratio=ratio)
+        torch.save(out, f"{folder}/out{rank}.pt")
+        dist.destroy_process_group()
+
+
+    tip.run_main(main)
 """)
 
 

@@ -82,7 +82,7 @@ def one_step(fsdp: bool = False, micro_batch_size: int = 64) -> tuple[dict, dict
     return {name: after[name] - before[name] for name in after}, metrics
 
 
-if __name__ == "__main__":
+def worker() -> None:
     out_dir, mode = Path(sys.argv[1]), sys.argv[2]
     tip.init_distributed()
     if mode == "nan_on_rank_1":  # train.main on the rest of the command line; rank 1's first scores are NaN
@@ -95,7 +95,7 @@ if __name__ == "__main__":
         if tip.rank() == 1:
             train.score.chunked_token_stats = nan_once
         train.main(sys.argv[3:])  # it ends the process group itself
-        sys.exit(0)
+        return
     if mode == "held_out":
         import evaluate
         evaluate.is_correct = lambda text, answer: answer == "1"  # a verdict that does not depend on the sample
@@ -110,3 +110,7 @@ if __name__ == "__main__":
         update, metrics = one_step(fsdp=mode == "fsdp", micro_batch_size=2 if mode == "fsdp" else 64)
         torch.save(dict(update=update, metrics=metrics), out_dir / f"rank{tip.rank()}.pt")
     torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    tip.run_main(worker)
