@@ -211,11 +211,13 @@ def load_problems(benchmark: str | None, data: str | None = None, world_dir: str
     return _problems(rows, repo)
 
 
-def benchmark_prompts(problems: list[dict], tokenizer, bare: bool = False) -> list[str]:
+def benchmark_prompts(problems: list[dict], tokenizer, bare: bool = False,
+                      template_switches: dict | None = None) -> list[str]:
     """Each problem with the instruction to reason step by step and answer in \\boxed{} (§7.1), under the chat
-    template; `bare` (the toy task) asks the problem alone, as the toy models were trained."""
-    return [tip.format_prompt(tokenizer, p["problem"] if bare else f"{p['problem']}\n\n{tip.MATH_INSTRUCTION}")
-            for p in problems]
+    template and its switches (e.g. enable_thinking); `bare` (a built-in world) asks the problem alone, as its
+    models were trained."""
+    return [tip.format_prompt(tokenizer, p["problem"] if bare else f"{p['problem']}\n\n{tip.MATH_INSTRUCTION}",
+                              template_switches) for p in problems]
 
 
 # ---------------------------------------------------------------- mean@k
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         "(pip install -r requirements-vllm.txt)")
     add("--gpu-memory-utilization", type=float, default=0.5, help="--engine vllm: share of GPU memory vLLM takes "
         "for weights and KV cache (the transformers copy of the model sits beside it)")
+    add("--chat-template-kwargs", default=tip.Config.chat_template_kwargs, help="JSON object of chat-template "
+        "switches, as train.py's (default: thinking off)")
     add("--world-dir", default="", help="built-in worlds' cache folder (default $TIP_CACHE or ~/.cache/tip)")
     add("--taxonomy", action="store_true", help="report the quadrants of §4 for a teacher/student pair")
     add("--teacher", default="", help="taxonomy: teacher folder or hub id (both empty = the toy pair)")
@@ -477,10 +481,11 @@ def main(argv: list[str] | None = None) -> None:
     samples = 1 if args.greedy else args.samples or (4 if args.taxonomy else 16)
     temperature = 0.0 if args.greedy else args.temperature
     try:
+        switches = tip.template_switches(tip.Config(chat_template_kwargs=args.chat_template_kwargs))
         if args.taxonomy:
             config = tip.Config(teacher=args.teacher, student=args.student, prompts=args.prompts, dtype=args.dtype,
                                 world_dir=args.world_dir, prompt_split=args.prompt_split,
-                                prompt_subset=args.prompt_subset)
+                                prompt_subset=args.prompt_subset, chat_template_kwargs=args.chat_template_kwargs)
             teacher, student, tokenizer = load_pair(config, args.device)
             prompts = [p["prompt"] for p in load_prompts(config, tokenizer)][:args.problems or 16]
             report, points = taxonomy(teacher, student, tokenizer, prompts, samples,
@@ -507,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_model(args.model, args.device, args.dtype, args.world_dir)
         bare = args.benchmark in WORLDS  # the worlds' models were trained on bare problems, whatever the source
         max_new_tokens = args.max_new_tokens or (48 if bare else 8192)
-        prompts, engine = benchmark_prompts(problems, tokenizer, bare), None
+        prompts, engine = benchmark_prompts(problems, tokenizer, bare, switches), None
         if args.engine == "vllm":
             longest = max(map(len, tip.encode_prompts(tokenizer, prompts)))
             engine = rollout.VLLMEngine(model, tokenizer, longest + max_new_tokens, args.gpu_memory_utilization,

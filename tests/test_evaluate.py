@@ -222,6 +222,27 @@ def test_cli_toy_benchmark_asks_bare_problems(tmp_path, tiny_pair, monkeypatch):
     assert saved["summary"]["max_new_tokens"] == 48 and saved["summary"]["problems"] == 3
 
 
+def test_chat_template_switches_reach_the_benchmark_prompts(tmp_path, tiny_pair, monkeypatch):
+    from transformers import AutoTokenizer
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pair / "student", model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = "{% if not enable_thinking %}NOTHINK {% endif %}{{ messages[0].content }}"
+    tokenizer.save_pretrained(model)
+    seen = []
+    monkeypatch.setattr(evaluate, "model_generator", lambda *a, **k: lambda prompts, n: seen.extend(prompts) or
+                        ["\\boxed{0}"] * (len(prompts) * n))
+    (tmp_path / "p.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    base = ["--model", str(model), "--data", str(tmp_path / "p.jsonl"), "--samples", "1", "--out",
+            str(tmp_path / "out.json"), "--device", "cpu"]
+    evaluate.main(base)
+    evaluate.main([*base, "--chat-template-kwargs", '{"enable_thinking": true}'])
+    assert seen[0].startswith("NOTHINK 1+1") and seen[1].startswith("1+1")
+    with pytest.raises(SystemExit, match="is not a JSON object"):
+        evaluate.main([*base, "--chat-template-kwargs", "thinking"])
+
+
 def test_greedy_with_several_samples_is_refused(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", "m", "--benchmark", "toy", "--greedy", "--samples", "4"])
