@@ -77,6 +77,12 @@ class Config:
     rollouts_per_prompt: int = _arg(16, "student samples per prompt")
     max_prompt_len: int = _arg(2048, "prompts longer than this many tokens are dropped (and counted)")
     max_response_len: int = _arg(8192, "maximum generated tokens per rollout")
+    engine: str = _arg("hf", "rollout sampler: hf (transformers generate, runs anywhere) or vllm (vLLM in each "
+                       "training process, synced to the student every step; pip install -r requirements-vllm.txt)",
+                       ["hf", "vllm"])
+    gpu_memory_utilization: float = _arg(0.3, "--engine vllm on GPU: the share of the GPU vLLM takes for its weights "
+                                         "and KV cache, beside the training step's (its memory is released while "
+                                         "the student trains)")
     temperature: float = _arg(1.0, "sampling temperature for rollouts")
     top_p: float = _arg(1.0, "nucleus sampling top-p for rollouts")
     # --- optimisation (Table 9; weight decay and clip from the base repository) ---

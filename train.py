@@ -29,6 +29,7 @@ from tqdm import tqdm
 import evaluate
 import score
 import tip
+import rollout
 from rollout import Rollouts, generate_rollouts
 
 MAX_SKIPPED_IN_A_ROW = 10  # then the run saves a checkpoint and stops: something is wrong beyond one batch
@@ -307,13 +308,14 @@ def held_out_problems(config: tip.Config, tokenizer) -> list[dict]:
             for p in evaluate.world_problems(config.prompts, "test", config.world_dir)[:config.eval_problems]]
 
 
-def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Config, seed: int) -> float:
+def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Config, seed: int,
+                      engine: rollout.VLLMEngine | None = None) -> float:
     """evaluate.py's mean@k on the held-out problems at the rollout temperature; ranks share the problems."""
     mine = problems[tip.rank()::tip.world_size()]
     correct = 0.0
     if mine:
         generate = evaluate.model_generator(student, tokenizer, config.max_response_len, config.temperature,
-                                            config.top_p, seed, batch_size=None)
+                                            config.top_p, seed, None, engine)
         with autocast(next(student.parameters()).device):
             summary, _ = evaluate.run_benchmark(mine, [p["prompt"] for p in mine], generate, config.eval_samples,
                                                 config.micro_batch_size * config.eval_samples, show_progress=False)
@@ -346,6 +348,8 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
         parser.error("--fsdp shards over processes: launch with torchrun")
     try:
         tip.template_switches(config)
+        if config.engine == "vllm":
+            rollout.require_vllm()
     except tip.InputError as error:
         parser.error(str(error))
     return config
@@ -391,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     except tip.InputError as error:  # a user's mistake: the message alone, once, and a non-zero exit
         raise SystemExit(f"error: {error}" if tip.rank() == 0 else 1) from None
     finally:
-        if tip.is_distributed():
+        if tip.is_distributed():  # closing a vLLM engine has ended it already
             dist.destroy_process_group()
 
 
@@ -402,6 +406,10 @@ def train(config: tip.Config, device) -> None:
     teacher, student, tokenizer, prompts, optimizer = setup(config, device)
     eval_problems = held_out_problems(config, tokenizer)
     start_step = resume_from(newest_checkpoint(run_dir), student, optimizer) if config.resume else 0
+    engine = None
+    if config.engine == "vllm":  # created from the (resumed) student: its weights are the current θ
+        engine = rollout.VLLMEngine(student, tokenizer, config.max_prompt_len + config.max_response_len,
+                                    config.gpu_memory_utilization, config.dtype, config.seed + tip.rank())
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -417,10 +425,11 @@ def train(config: tip.Config, device) -> None:
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if eval_problems and start_step == 0:
-            before = held_out_accuracy(student, tokenizer, eval_problems, config, seed=config.seed + 10**6)
+            before = held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
             tip.log(f"held-out accuracy before training: {before:.1%} ({len(eval_problems)} problems)")
         for step in tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master):
-            record = run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device)
+            record = run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device,
+                              engine)
             skipped_in_a_row = skipped_in_a_row + 1 if record["skipped"] else 0
             if master:
                 with open(run_dir / "metrics.jsonl", "a") as f:
@@ -442,35 +451,47 @@ def train(config: tip.Config, device) -> None:
         save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer)
         save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer, final=True)
         if eval_problems:
-            after = held_out_accuracy(student, tokenizer, eval_problems, config, seed=config.seed + 10**6)
+            after = held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
             tip.log(f"held-out accuracy after training: {after:.1%} ({len(eval_problems)} problems)")
         tip.log(f"saved the student to {run_dir / 'final'}")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if engine is not None:
+            engine.close()
 
 
-def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device) -> dict:
-    """Rollouts for this rank's share of the step, sampled in the compute precision, then `train_step`."""
+def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device,
+             engine: rollout.VLLMEngine | None = None) -> dict:
+    """Rollouts for this rank's share of the step from the current student (sampled in the compute precision,
+    or by the vLLM engine), then `train_step`; the engine sleeps through the step and takes the new θ after it."""
     t0 = time.time()
     mine = [prompts[i] for i in rollout_share(step, len(prompts), config)]
     seed = config.seed * 1_000_003 + step * tip.world_size() + tip.rank()  # ranks sample differently
-    with autocast(device):
-        rollouts = generate_rollouts(student, tokenizer, [p["prompt"] for p in mine], 1, config.max_response_len,
-                                     config.temperature, config.top_p, seed=seed)
-    mistakes = evaluate.world_mistake_mask(config.prompts, tokenizer, rollouts, [p["prompt"] for p in mine])
+    texts = [p["prompt"] for p in mine]
+    if engine is not None:
+        rollouts = engine.generate(texts, 1, config.max_response_len, config.temperature, config.top_p, seed=seed)
+        engine.sleep()
+    else:
+        with autocast(device):
+            rollouts = generate_rollouts(student, tokenizer, texts, 1, config.max_response_len, config.temperature,
+                                         config.top_p, seed=seed)
+    sampled_seconds = time.time() - t0
+    mistakes = evaluate.world_mistake_mask(config.prompts, tokenizer, rollouts, texts)
     metrics = train_step(student, teacher, rollouts, optimizer, config, step, torch.Generator().manual_seed(seed),
                          mistakes)
+    if engine is not None:
+        engine.sync(student)  # on-policy: the next step samples from the weights this step made
     scored = [is_correct_or_none(text, mine[int(i)]["answer"]) for text, i in zip(rollouts.texts, rollouts.prompt_index)]
     scored = [r for r in scored if r is not None]
     reward_sum, reward_count = all_reduce_sum([sum(scored), len(scored)], device)
     elapsed = time.time() - t0
     record = dict(step=step + 1, **metrics, reward=reward_sum / reward_count if reward_count else None,
                   tokens_per_second=metrics["response_tokens"] / elapsed, seconds=elapsed,
-                  peak_memory_gb=peak_memory_gb(device))
+                  rollout_seconds=sampled_seconds, peak_memory_gb=peak_memory_gb(device))
     if eval_problems and config.eval_every and (step + 1) % config.eval_every == 0:
         record["held_out_accuracy"] = held_out_accuracy(student, tokenizer, eval_problems, config,
-                                                        seed=config.seed + 10**6)
+                                                        config.seed + 10**6, engine)
     return record
 
 

@@ -301,8 +301,8 @@ def cli(folder, out_dir, run_name, *extra):
 def comparable(metrics_path):
     """metrics.jsonl without the fields that measure wall time."""
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in ("seconds", "tokens_per_second", "peak_memory_gb")}
-            for line in lines]
+    timing = ("seconds", "rollout_seconds", "tokens_per_second", "peak_memory_gb")
+    return [{k: v for k, v in line.items() if k not in timing} for line in lines]
 
 
 def test_resume_after_sigterm_matches_an_uninterrupted_run(pair_and_prompts, tmp_path, monkeypatch):
@@ -411,6 +411,10 @@ def test_bad_flags_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         train.parse_config(["--fsdp"])
     assert "--fsdp shards over processes: launch with torchrun" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as on the core install
+    with pytest.raises(SystemExit):
+        train.parse_config(["--engine", "vllm"])
+    assert "pip install -r requirements-vllm.txt" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "9")
     with pytest.raises(SystemExit):
         train.parse_config(["--prompts-per-step", "2", "--rollouts-per-prompt", "4"])
