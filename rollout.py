@@ -23,6 +23,7 @@ import random
 import tempfile
 from typing import NamedTuple
 
+import numpy
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
@@ -178,10 +179,9 @@ class VLLMEngine:
         config.architectures = config.architectures or [type(inner).__name__.removeprefix("FSDP")]
         config.save_pretrained(self._folder.name)
         tokenizer.save_pretrained(self._folder.name)
-        import numpy
         self._devices = [] if on_cpu else [torch.cuda.current_device()]
         states = random.getstate(), numpy.random.get_state()
-        with torch.random.fork_rng(devices=self._devices):  # vLLM reseeds every generator
+        with torch.random.fork_rng(devices=self._devices):  # vLLM reseeds every generator of the process
             self.llm = vllm.LLM(
                 model=self._folder.name, load_format="dummy", seed=seed, max_model_len=max_model_len,
                 dtype=tip.torch_dtype(dtype, "cpu" if on_cpu else "cuda"), enforce_eager=on_cpu,
