@@ -9,45 +9,49 @@ memory 72.0 GB with all tokens vs 35.3 GB with 10 % of them for Qwen3 8B→4B), 
 token selection comes from fewer full-vocabulary rows. `score.reverse_kl_loss` instead computes each chunk's
 gradient in its forward pass and never holds more than `chunk_size` rows of [·, V] tensors.
 
-This script runs, each in its own fresh subprocess so that peaks do not mix:
+This script runs, each in its own fresh process (common.run_variants):
   naive    full student and teacher logits [N, V], fp32 log-softmax, mean reverse KL, autograd backward
            to the student hidden states and LM head;
   chunked  score.reverse_kl_loss(..., chunk_size), forward + backward.
-For each it reports the peak memory above the state right before the step (CPU: max RSS of the process
-minus its RSS before the first step; GPU: torch.cuda.max_memory_allocated minus memory allocated before
-the step), the median wall time of --repeats steps after one warm-up step (both children stay alive and
-take their timed steps in turn, so a shared machine's changing load hits both alike), and the
-chunked/naive ratios against the targets: memory ≤ 10 % of naive, time ≤ 1.0× naive. The children send
-back their loss and gradients and the parent prints the largest differences, so a fast wrong path cannot
-pass (exit code 1 if they disagree).
+Each child builds its inputs and takes one warm-up step; then both children, alive together, take their
+--repeats timed steps in turn (a shared machine's changing load hits both alike). For each it reports the
+largest peak memory above the state right before a step (common.measure: CUDA's max_memory_allocated on GPU;
+on CPU ru_maxrss, lowered to the current RSS before each step), the median wall time, and the chunked/naive
+ratios against the targets: memory ≤ 10 % of naive, time ≤ 1.0× naive. The children save their loss and
+gradients and the parent prints the largest differences, so a fast wrong path, or a backward with the wrong
+sign, cannot pass.
+
+Exit code 1 when a variant fails, the two disagree, or a target is missed. --tiny (N = 64, V = 512, d = 32,
+chunk 16, 1 step) runs in seconds and checks agreement the same way; its tensors are a few hundred KiB, below
+what RSS resolves, and its steps take milliseconds, so it prints the targets without failing on them.
 
     python benchmarks/bench_score.py                                    # CPU, fp32, N=2048, V=151936, d=256
     python benchmarks/bench_score.py --device cuda --dtype bfloat16 --hidden 4096
+    python benchmarks/bench_score.py --tiny
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from common import require_positive, current_rss_bytes, max_rss_bytes, gib, machine_line
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import score  # noqa: E402  (after the path fix, so the script runs from any folder)
+from common import (THREADS_HELP, Verdicts, add_flags, gib, machine_line, max_abs, max_abs_diff, measure,
+                    parse_flags, run_variants)
+import score  # noqa: E402  (common has put the project on the path)
 
 VARIANTS = ("naive", "chunked")
 MEMORY_TARGET, TIME_TARGET = 0.10, 1.0
 # largest |Δgrad| / max|grad naive| accepted: fp32 differs only in summation order, bf16 in rounding of the
 # bf16 gradient matmuls (the chunked path accumulates chunks in fp32, autograd does one bf16 matmul)
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+FULL = dict(rows=2048, vocab=151936, hidden=256, chunk_size=512, repeats=3, threads=torch.get_num_threads())
+SIZES = {"cpu": FULL, "cuda": FULL, "tiny": dict(rows=64, vocab=512, hidden=32, chunk_size=16, repeats=1, threads=1)}
+SIZE_HELP = dict(rows="N, scored token rows", vocab="V, vocabulary (Qwen3's: 151,936)",
+                 hidden="d, hidden size of student and teacher", chunk_size="rows per chunk of the chunked loss",
+                 repeats="timed steps after one warm-up step", threads=THREADS_HELP)
 
 
 # ---------------------------------------------------------------- the two variants (run in a child)
@@ -86,174 +90,90 @@ def make_inputs(args, device: torch.device, dtype: torch.dtype):
     return student_hidden, student_head, teacher_hidden, teacher_head
 
 
-def run_variant(args) -> None:
-    """Child process: build inputs, take the warm-up step, then one timed step per "step" line on stdin;
-    on "finish" save loss, gradients, peak and times to args.result. Answers go to stdout, one line each."""
+def prepare(variant: str, args):
+    """Child process: the inputs and one warm-up step; returns (step, finish) for common.run_variants.
+    Every step starts without gradients; finish saves the last step's gradients for the parent."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    cuda = device.type == "cuda"
     inputs = make_inputs(args, device, dtype)
     student_hidden, student_head = inputs[0], inputs[1]
-    loss_fn = LOSSES[args.worker]
 
-    def step():
-        student_hidden.grad = student_head.grad = None  # each step starts from the baseline state
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        loss = loss_fn(*inputs, args.chunk_size)
+    def forward_backward() -> dict:
+        loss = LOSSES[variant](*inputs, args.chunk_size)
         loss.backward()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, loss.detach()
+        return dict(loss=loss.double().item())
 
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-    else:
-        baseline = current_rss_bytes()
-    _, loss = step()  # warm-up; on CPU also the step whose peak max RSS records
-    print("ready", flush=True)
-    times = []
-    for command in sys.stdin:
-        if command.strip() != "step":
-            break
-        times.append(step()[0])
-        print(f"time {times[-1]!r}", flush=True)
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else max_rss_bytes()) - baseline
-    torch.save({"peak_bytes": peak, "times": times, "loss": loss.double().item(),
-                "grad_hidden": student_hidden.grad.cpu(), "grad_head": student_head.grad.cpu()}, args.result)
-    print("saved", flush=True)
+    def step() -> dict:
+        student_hidden.grad = student_head.grad = None  # each step starts from the same state
+        return measure(forward_backward, device)
+
+    def finish() -> dict:
+        path = Path(args.folder) / f"{variant}.pt"
+        torch.save({"grad_hidden": student_hidden.grad, "grad_head": student_head.grad}, path)
+        return dict(gradients=str(path))
+
+    forward_backward()
+    return step, finish
 
 
 # ---------------------------------------------------------------- the parent: spawn, compare, print
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 16384) -> float:
-    """max |a − b| in float64, a block of rows at a time so a [V, d] gradient needs no full-size copies."""
-    return max((a[i:i + rows].double() - b[i:i + rows].double()).abs().max().item()
-               for i in range(0, max(a.shape[0], 1), rows)) if a.numel() else 0.0
-
-
-def max_abs(a: torch.Tensor, rows: int = 16384) -> float:
-    return max((a[i:i + rows].double().abs().max().item() for i in range(0, a.shape[0], rows)), default=0.0)
-
-
-class Worker:
-    """One variant in its own process, driven line by line so that the timed steps of the two variants
-    can alternate: a shared machine's load then slows both alike instead of whichever ran second."""
-
-    def __init__(self, variant: str, args, folder: Path):
-        self.variant, self.result, self.error = variant, folder / f"{variant}.pt", None
-        self.stderr = open(folder / f"{variant}.stderr", "w+")
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant,
-                   "--result", str(self.result), "--rows", str(args.rows), "--vocab", str(args.vocab),
-                   "--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype,
-                   "--device", args.device, "--seed", str(args.seed)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, text=True)
-        self.expect("ready")  # inputs built and the warm-up step taken
-
-    def expect(self, word: str) -> str:
-        if self.error:
-            return ""
-        line = self.process.stdout.readline()
-        if not line.startswith(word):
-            self.process.wait()
-            self.stderr.seek(0)
-            last = (self.stderr.read().strip().splitlines() or [f"exit code {self.process.returncode}"])[-1]
-            self.error = last[-160:]
-            return ""
-        return line
-
-    def send(self, command: str) -> None:
-        if not self.error:
-            try:
-                self.process.stdin.write(command + "\n")
-                self.process.stdin.flush()
-            except BrokenPipeError:  # the child died; expect() reads why from its stderr
-                pass
-
-    def finish(self) -> dict:
-        self.send("finish")
-        self.expect("saved")
-        self.process.wait()
-        self.stderr.close()
-        return {"error": self.error} if self.error else torch.load(self.result, weights_only=True)
-
-
-def measure(args, folder: Path) -> dict:
-    """Start the children one after the other (their warm-ups do not overlap), then alternate timed steps."""
-    workers = [Worker(v, args, folder) for v in VARIANTS]
-    for repeat in range(args.repeats):
-        for worker in workers[::1 if repeat % 2 == 0 else -1]:  # alternate who goes first
-            worker.send("step")
-            worker.expect("time")
-    return {w.variant: w.finish() for w in workers}
-
-
-def verdict(ratio: float, target: float) -> str:
-    return f"{ratio:.3f} (target ≤ {target:g}: {'met' if ratio <= target else 'MISSED'})"
-
-
-def main(args) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA GPU; none is visible (drop the flag to run on CPU)")
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     print(f"# bench_score: N={args.rows} rows, V={args.vocab}, d={args.hidden}, chunk {args.chunk_size}, "
-          f"{args.dtype} on {args.device}, median of {args.repeats} steps after 1 warm-up")
+          f"{args.dtype} on {args.device}, median of {args.repeats} steps after 1 warm-up"
+          f"{' (--tiny)' if args.tiny else ''}")
     print(f"# before: {machine_line(args)}")
-    with tempfile.TemporaryDirectory() as folder:
-        results = measure(args, Path(folder))
-    print(f"# after:  {machine_line(args)}\n")
+    verdicts = Verdicts(enforce_targets=not args.tiny)
+    with tempfile.TemporaryDirectory() as folder:  # the gradients, one file per variant
+        args.folder = folder
+        results = run_variants(prepare, VARIANTS, args, args.repeats, together=True)
+        print(f"# after:  {machine_line(args)}\n")
+        failed = print_table(results, args, verdicts)
+        if not failed:
+            check_agreement(results, args, verdicts)
+    return verdicts.exit_code(failed)
 
+
+def print_table(results: dict, args, verdicts: Verdicts) -> list[str]:
+    """The markdown table with the targets in its last row; returns the variants that failed."""
     memory = "max RSS" if args.device == "cpu" else "max_memory_allocated"
-    print(f"| variant | peak memory above baseline ({memory}) | wall time, forward + backward |")
+    print(f"| variant | peak memory above the state before the step ({memory}) | wall time, forward + backward |")
     print("|---|---|---|")
     names = {"naive": "naive: full [N, V] logits, fp32 log-softmax, autograd",
              "chunked": f"chunked: `score.reverse_kl_loss`, chunk {args.chunk_size}"}
     for v in VARIANTS:
         r = results[v]
-        cells = (["failed: " + r["error"], "–"] if "error" in r
-                 else [gib(r["peak_bytes"]), f"{statistics.median(r['times']):.3f} s"])
+        cells = ["failed: " + r["error"], "–"] if "error" in r else [gib(r["peak_bytes"]), f"{r['seconds']:.3f} s"]
         print(f"| {names[v]} | {cells[0]} | {cells[1]} |")
-    naive, chunked = results["naive"], results["chunked"]
-    if "error" in naive or "error" in chunked:
-        return 1
-    memory_ratio = chunked["peak_bytes"] / max(naive["peak_bytes"], 1)
-    time_ratio = statistics.median(chunked["times"]) / statistics.median(naive["times"])
-    print(f"| chunked / naive | {verdict(memory_ratio, MEMORY_TARGET)} | {verdict(time_ratio, TIME_TARGET)} |")
+    failed = [v for v in VARIANTS if "error" in results[v]]
+    if not failed:
+        naive, chunked = results["naive"], results["chunked"]
+        memory_ratio = chunked["peak_bytes"] / max(naive["peak_bytes"], 1)
+        print(f"| chunked / naive | {verdicts.target('memory', memory_ratio, MEMORY_TARGET)} "
+              f"| {verdicts.target('time', chunked['seconds'] / naive['seconds'], TIME_TARGET)} |")
+    return failed
 
-    # the two paths must compute the same loss and gradients, else the speed and memory mean nothing
+
+def check_agreement(results: dict, args, verdicts: Verdicts) -> None:
+    """The two paths must compute the same loss and gradients, else the speed and memory mean nothing."""
+    naive, chunked = results["naive"], results["chunked"]
     tolerance = TOLERANCE[args.dtype]
-    ok = abs(chunked["loss"] - naive["loss"]) <= tolerance * max(abs(naive["loss"]), 1.0)
-    print(f"\nagreement: loss naive {naive['loss']:.6f} nats, chunked {chunked['loss']:.6f}, "
-          f"|Δ| {abs(chunked['loss'] - naive['loss']):.2e}")
+    loss, plain = chunked["first"]["loss"], naive["first"]["loss"]
+    ok = abs(loss - plain) <= tolerance * max(abs(plain), 1.0)
+    print(f"\nagreement: loss naive {plain:.6f} nats, chunked {loss:.6f}, |Δ| {abs(loss - plain):.2e}")
+    gradients = [torch.load(r["gradients"], weights_only=True) for r in (naive, chunked)]
     for name in ("grad_hidden", "grad_head"):
-        diff, scale = max_abs_diff(naive[name], chunked[name]), max_abs(naive[name])
+        diff, scale = max_abs_diff(gradients[0][name], gradients[1][name]), max_abs(gradients[0][name])
         ok &= diff <= tolerance * scale
         print(f"  {name}: max |Δ| {diff:.2e}, max |naive| {scale:.2e}, relative {diff / max(scale, 1e-30):.2e}")
-    print(f"  {'agree' if ok else 'DISAGREE'} (tolerance {tolerance:g} relative, {args.dtype})")
-    return 0 if ok else 1
+    print(f"  {verdicts.agreement('loss and gradients', ok)} (tolerance {tolerance:g} relative, {args.dtype})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=2048, help="N, scored token rows")
-    parser.add_argument("--vocab", type=int, default=151936, help="V, vocabulary (Qwen3: 151,936)")
-    parser.add_argument("--hidden", type=int, default=256, help="d, hidden size of student and teacher")
-    parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk of the chunked loss")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # set by the parent
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    return parser
+    add_flags(parser, SIZES, SIZE_HELP, "hidden states and heads of both models")
+    return parse_flags(parser, argv, SIZES)
 
 
 if __name__ == "__main__":
-    cli = build_parser().parse_args()
-    require_positive(cli, ("rows", "vocab", "hidden", "chunk_size", "repeats"))
-    if cli.worker:
-        run_variant(cli)
-    else:
-        sys.exit(main(cli))
+    sys.exit(main())

@@ -1,16 +1,34 @@
-"""What both benchmarks share: process memory readings (CPU), byte formatting, and the machine line.
+"""What the benchmarks share: variants in fresh processes, memory readings, a random Qwen3 pair and synthetic
+rollouts, gradient comparison, targets and the exit code, the machine line.
 
-Each benchmark runs every variant in a fresh process, so these readings are per variant.
+Every variant runs in its own fresh process, so peaks never mix. The processes are forked from a server
+(multiprocessing's forkserver) that imported the benchmark and the modules named by `preload` once, before
+computing anything: a variant then starts in milliseconds instead of the seconds an import of torch and
+transformers takes, and, like a new interpreter, it has run no kernel and touched no GPU.
 """
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import os
 import platform
 import resource
+import statistics
 import sys
+import time
+from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the project's modules, whichever folder the benchmark runs from
+    sys.path.insert(0, str(ROOT))
+
+PROMPT_WIDTH = 32  # prompt columns of the synthetic rollouts; prompts of 8–32 tokens are left-padded to it
+HEAD_DIM = 64
+
+
+# ---------------------------------------------------------------- memory readings
 
 def current_rss_bytes() -> int:
     """Resident set size now (Linux /proc); elsewhere the high-water mark, which only makes the delta smaller."""
@@ -36,17 +54,348 @@ def reset_max_rss() -> bool:
         return False
 
 
+def measure(step, device: torch.device) -> dict:
+    """Run `step()` (it returns a dict) once; add its wall time and its peak memory above the state before it:
+      GPU  torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats, minus
+           torch.cuda.memory_allocated before the step (bytes in live tensors);
+      CPU  ru_maxrss after the step minus the RSS before it, the high-water mark first lowered to the current
+           RSS through /proc/self/clear_refs (Linux ≥ 4.0; `exact` is False where that is refused, and the
+           high-water mark then covers the process's whole life). RSS keeps the pages of small freed blocks that
+           the allocator has not returned; glibc returns blocks above its mmap threshold (32 MB at most) at once,
+           so that residue can only make a delta slightly smaller.
+    """
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before, exact = torch.cuda.memory_allocated(device), True
+    else:
+        before = current_rss_bytes()
+        exact = reset_max_rss()
+    start = time.perf_counter()
+    result = step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else max_rss_bytes()) - before
+    # RSS read just before the reset may exceed what the reset records by a few pages: no growth is 0
+    return dict(result, seconds=seconds, peak_bytes=max(peak, 0), before_bytes=before, exact=exact)
+
+
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2 ** 30:.2f} GiB" if abs(n_bytes) >= 2 ** 30 else f"{n_bytes / 2 ** 20:.0f} MiB"
 
 
-def machine_line(args) -> str:
-    if args.device == "cuda":
-        where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not available here)"
-    else:
-        where = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return f"{where}; torch {torch.__version__}; load average (1/5/15 min) {load}"
+# ---------------------------------------------------------------- variants in fresh processes
+
+def _serve(connection, prepare, variant: str, args) -> None:
+    """Child side: `prepare(variant, args)` builds everything and returns (step, finish); then one `step()` per
+    "step" the parent sends, and `finish()` when it sends anything else. Each answer is a small dict."""
+    try:
+        torch.set_num_threads(args.threads)
+        step, finish = prepare(variant, args)
+        connection.send(("ready", None))
+        while connection.recv() == "step":
+            connection.send(("step", step()))
+        connection.send(("done", finish()))
+    except BaseException as error:  # the parent prints why; the traceback goes to stderr as usual
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+        raise
+
+
+class Child:
+    """One variant in a fresh process, driven step by step, so that several variants can take turns."""
+
+    def __init__(self, prepare, variant: str, args, preload: tuple[str, ...]):
+        # An OpenMP thread spins while it waits for work; on a shared CPU that burns the cores other processes
+        # wait for (at load 15 on 2 cores a 2-thread step here used 17–20 s of CPU instead of 7). The children
+        # (forked from a server that inherits this environment) sleep instead, unless the caller chose otherwise.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", *preload])
+        self.variant, self.error, self.steps = variant, None, []
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child_end, prepare, variant, args), daemon=True)
+        self.process.start()
+        child_end.close()  # the child holds its end: a child that dies then reads as end of file here
+        self.receive("ready")
+
+    def receive(self, word: str):
+        """The child's answer to the last command, or None once it has failed (`error` says why)."""
+        if self.error:
+            return None
+        try:
+            kind, value = self.connection.recv()
+        except (EOFError, ConnectionError):
+            self.process.join()
+            code = self.process.exitcode
+            kind, value = "error", (f"killed by signal {-code} (out of memory?)" if code and code < 0
+                                    else f"exited with code {code}")
+        if kind == word:
+            return value
+        self.error = str(value)[-160:]
+        self.process.join()
+        return None
+
+    def step(self) -> None:
+        if not self.error:
+            self.connection.send("step")
+            answer = self.receive("step")
+            if answer is not None:
+                self.steps.append(answer)
+
+    def finish(self) -> dict:
+        """{"steps": the step dicts, "seconds": their median time, "peak_bytes": their largest peak,
+        "before_bytes", "exact", "first": the first step's dict, and the finish dict}, or {"error": why}."""
+        if not self.error:
+            self.connection.send("finish")
+            final = self.receive("done")
+            self.process.join()
+        if self.error:
+            return {"error": self.error}
+        steps = self.steps
+        return dict(final, steps=steps, first=steps[0], seconds=statistics.median(s["seconds"] for s in steps),
+                    peak_bytes=max(s["peak_bytes"] for s in steps), before_bytes=steps[0]["before_bytes"],
+                    exact=all(s["exact"] for s in steps))
+
+
+def run_variants(prepare, variants, args, repeats: int, together: bool, preload: tuple[str, ...] = ()) -> dict:
+    """Each variant in its own fresh process, `repeats` steps each; {variant: Child.finish()}.
+
+    `together`: every variant's process is built first, then they take their steps in turn, the order
+    reversed every round, so a shared machine's changing load slows them alike (the memory of every variant
+    is held at once). Otherwise one process at a time (one variant's memory at a time, e.g. a GPU)."""
+    if not together:
+        return {v: run_variants(prepare, [v], args, repeats, True, preload)[v] for v in variants}
+    children = [Child(prepare, v, args, preload) for v in variants]
+    for repeat in range(repeats):
+        for child in children[::1 if repeat % 2 == 0 else -1]:
+            child.step()
+    return {child.variant: child.finish() for child in children}
+
+
+# ---------------------------------------------------------------- models and rollouts
+
+def teacher_hidden_size(hidden: int) -> int:
+    """The teacher is 1.5× wider than the student (e.g. 256 → 384, 2048 → 3072), in whole heads."""
+    return max(HEAD_DIM, round(1.5 * hidden / HEAD_DIM) * HEAD_DIM)
+
+
+def random_qwen3(hidden: int, layers: int, vocab: int, max_positions: int, dtype: torch.dtype,
+                 device: torch.device, seed: int):
+    """A random Qwen3 causal LM with an untied head; at Qwen3's vocabulary the cost sits in V × d."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    heads = max(1, hidden // HEAD_DIM)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads // 2 if heads % 2 == 0 else heads, head_dim=HEAD_DIM,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):  # built in place: no second copy on the way to the device
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def make_rollouts(rollouts: int, response_len: int, vocab: int, seed: int, device: torch.device):
+    """Synthetic rollouts in rollout.py's layout: prompt left-padded to PROMPT_WIDTH, then the response,
+    right-padded; the first rollout runs to response_len, the others stop between response_len/4 and it."""
+    from rollout import Rollouts
+
+    g = torch.Generator().manual_seed(seed)
+    length = PROMPT_WIDTH + response_len
+    prompt_lengths = torch.randint(PROMPT_WIDTH // 4, PROMPT_WIDTH + 1, (rollouts,), generator=g)
+    response_lengths = torch.randint(max(1, response_len // 4), response_len + 1, (rollouts,), generator=g)
+    response_lengths[0] = response_len
+    input_ids = torch.zeros(rollouts, length, dtype=torch.long)  # token 0 is the pad
+    attention_mask = torch.zeros(rollouts, length, dtype=torch.long)
+    response_mask = torch.zeros(rollouts, length, dtype=torch.bool)
+    for b in range(rollouts):
+        p, r = int(prompt_lengths[b]), int(response_lengths[b])
+        input_ids[b, PROMPT_WIDTH - p:PROMPT_WIDTH + r] = torch.randint(1, vocab, (p + r,), generator=g)
+        attention_mask[b, PROMPT_WIDTH - p:PROMPT_WIDTH + r] = 1
+        response_mask[b, PROMPT_WIDTH:PROMPT_WIDTH + r] = True
+    return Rollouts(input_ids.to(device), attention_mask.to(device), response_mask.to(device), prompt_lengths,
+                    torch.arange(rollouts), [""] * rollouts)
+
+
+STEP_MODULES = ("train", "transformers.models.qwen3.modeling_qwen3")  # step_setup's imports: preload them
+
+
+def step_setup(args, rollouts: int, **config_fields):
+    """What a child of bench_step or bench_micro_batches builds, as train.py's setup does: the teacher (1.5×
+    wider, in --dtype, frozen), the student (fp32, set up by train.prepare_student), the tip.Config, AdamW as
+    train.py makes it without --fsdp, and a batch of `rollouts` synthetic rollouts. Then a warm-up step at
+    learning rate 0 on 2 short rollouts: AdamW's moments exist afterwards, as in every step of a run but the
+    first, and the weights are unchanged, so every variant's first timed step starts from the same weights."""
+    import tip
+    import train
+
+    device = torch.device(args.device)
+    max_positions = PROMPT_WIDTH + args.response_len
+    teacher = random_qwen3(teacher_hidden_size(args.hidden), args.layers, args.vocab, max_positions,
+                           getattr(torch, args.dtype), device, args.seed + 1).eval().requires_grad_(False)
+    student = random_qwen3(args.hidden, args.layers, args.vocab, max_positions, torch.float32, device, args.seed + 2)
+    config = tip.Config(chunk_size=args.chunk_size, gradient_checkpointing=args.gradient_checkpointing, grad_clip=1.0,
+                        steps=1, **config_fields)
+    train.prepare_student(student, config)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
+                                  foreach=True)
+    return teacher, student, optimizer, config, make_rollouts(rollouts, args.response_len, args.vocab, args.seed,
+                                                              device)
+
+
+def warm_up_batch(args):
+    """2 rollouts of at most 8 response tokens, for the warm-up step."""
+    return make_rollouts(2, 8, args.vocab, args.seed + 3, torch.device(args.device))
+
+
+def measured(step, device: torch.device, optimizer=None, model=None, gradients: Path | None = None):
+    """The step function run_variants calls: each call is `measure(step, device)`; with `gradients`, the first
+    call also saves there the gradients the optimizer steps with (after clipping). A pre-step hook keeps
+    references only, so the step allocates nothing more; the file is written after the measurement."""
+    calls = []
+
+    def call() -> dict:
+        kept = {}
+        record = gradients is not None and not calls
+        if record:
+            handle = optimizer.register_step_pre_hook(
+                lambda *_: kept.update((name, p.grad) for name, p in model.named_parameters() if p.grad is not None))
+        try:
+            result = measure(step, device)
+        finally:
+            if record:
+                handle.remove()
+        if record:
+            torch.save(kept, gradients)
+        calls.append(result)
+        return result
+    return call
+
+
+# ---------------------------------------------------------------- comparing two variants
+
+def _blocks(t: torch.Tensor, size: int = 1 << 22):
+    """The elements of `t`, flat, a few million at a time: float64 copies of a [V, d] gradient stay small."""
+    flat = t.reshape(-1)
+    return (flat[i:i + size].double() for i in range(0, flat.numel(), size))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| in float64."""
+    return max(((x - y).abs().max().item() for x, y in zip(_blocks(a), _blocks(b))), default=0.0)
+
+
+def max_abs(a: torch.Tensor) -> float:
+    return max((x.abs().max().item() for x in _blocks(a)), default=0.0)
+
+
+def compare_gradients(reference: Path, other: Path, tolerance: float) -> tuple[bool, str]:
+    """Every tensor of two saved gradient dicts: max |Δ| / max |reference| ≤ tolerance. Returns (ok, a line
+    naming the tensor that is furthest off). Memory-mapped, so two copies of a large model never sit in RAM."""
+    a = torch.load(reference, map_location="cpu", mmap=True, weights_only=True)
+    b = torch.load(other, map_location="cpu", mmap=True, weights_only=True)
+    if a.keys() != b.keys():
+        return False, f"gradients of different parameters: {sorted(a.keys() ^ b.keys())[:3]}"
+    worst, worst_name = 0.0, ""
+    for name in a:
+        if a[name].shape != b[name].shape:
+            return False, f"{name}: shapes {tuple(a[name].shape)} and {tuple(b[name].shape)}"
+        diff, scale = max_abs_diff(a[name], b[name]), max_abs(a[name])
+        relative = diff / scale if scale else (0.0 if diff == 0 else float("inf"))
+        if relative >= worst:
+            worst, worst_name = relative, name
+    return worst <= tolerance, f"largest max |Δ| / max |g| over {len(a)} tensors {worst:.1e} ({worst_name})"
+
+
+def relative_difference(value: float, reference: float) -> float:
+    return abs(value - reference) / max(abs(reference), 1e-12)
+
+
+def step_agreement(reference: dict, other: dict, tolerance: float) -> tuple[bool, str]:
+    """Whether two variants' first timed optimizer steps agree, and a line saying by how much: the loss, the
+    gradient norm before clipping and the clipped gradients (run_variants results, relative differences). The
+    norm matters: clipping rescales a gradient to norm 1, so clipped gradients alone miss a wrong scale."""
+    loss = relative_difference(other["first"]["loss"], reference["first"]["loss"])
+    norm = relative_difference(other["first"]["grad_norm"], reference["first"]["grad_norm"])
+    ok, line = compare_gradients(Path(reference["gradients"]), Path(other["gradients"]), tolerance)
+    return (ok and loss <= tolerance and norm <= tolerance,
+            f"relative |Δ| of the loss {loss:.1e}, of the gradient norm before clipping {norm:.1e}; clipped "
+            f"gradients: {line}")
+
+
+class Verdicts:
+    """The targets and agreement checks a benchmark prints, and its exit code: 1 when a variant failed, the
+    compared paths disagree, or (unless targets are only reported, as under --tiny) a target is missed."""
+
+    def __init__(self, enforce_targets: bool):
+        self.enforce_targets, self.missed, self.disagree = enforce_targets, [], []
+
+    def target(self, what: str, value: float, limit: float, below: bool = False) -> str:
+        """"met"/"MISSED" for value ≤ limit (value < limit when `below`), remembered for the exit code."""
+        met = value < limit if below else value <= limit
+        if not met:
+            self.missed.append(what)
+        return f"{value:.3f} (target {'<' if below else '≤'} {limit:g}: {'met' if met else 'MISSED'})"
+
+    def agreement(self, what: str, ok: bool) -> str:
+        if not ok:
+            self.disagree.append(what)
+        return "agree" if ok else "DISAGREE"
+
+    def exit_code(self, failed: list[str]) -> int:
+        """Prints the verdict line and returns the exit code."""
+        problems = [f"failed: {', '.join(failed)}"] if failed else []
+        problems += [f"DISAGREE: {', '.join(self.disagree)}"] if self.disagree else []
+        if self.missed:
+            problems.append(f"target MISSED: {', '.join(self.missed)}" if self.enforce_targets
+                            else f"target missed (not enforced at --tiny): {', '.join(self.missed)}")
+        bad = failed or self.disagree or (self.missed and self.enforce_targets)
+        print(f"\nverdict: {'; '.join(problems) if problems else 'every target met, the paths agree'}"
+              f" (exit code {1 if bad else 0})")
+        return 1 if bad else 0
+
+
+# ---------------------------------------------------------------- command line and machine
+
+THREADS_HELP = "torch CPU threads (--tiny takes one: on a busy machine more make tiny steps slower, not faster)"
+MODEL_SIZE_HELP = dict(hidden="student hidden size (the teacher's is 1.5×)", layers="decoder layers of each model",
+                       vocab="V, vocabulary (Qwen3's: 151,936)", response_len="longest response, in tokens",
+                       chunk_size="rows per chunk in scoring and the loss")  # the flags of step_setup
+
+
+def add_flags(parser, sizes: dict, size_help: dict, dtype_help: str) -> None:
+    """--device, --dtype, --seed, --tiny, and an int flag per entry of `size_help` ({flag: help}), left unset so
+    that `parse_flags` fills it from `sizes` ({"cpu"|"cuda"|"tiny": {flag: value}}); its help lists those."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=dtype_help)
+    for flag, text in size_help.items():
+        cpu, cuda, tiny = (sizes[where][flag] for where in ("cpu", "cuda", "tiny"))
+        default = f"{cpu}" if cpu == cuda else f"{cpu} on cpu, {cuda} on cuda"
+        parser.add_argument("--" + flag.replace("_", "-"), type=int, help=f"{text} (default {default}; --tiny {tiny})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (size flags given still win): runs in "
+                        "seconds, checks that the compared paths agree, prints the targets without enforcing them")
+
+
+def parse_flags(parser, argv: list[str] | None, sizes: dict):
+    """The parsed flags, unset sizes filled from `sizes`, every size checked; stops with a clear message on a
+    bad value or on --device cuda without a GPU. Sets the torch threads, so that the machine line says them."""
+    args = parser.parse_args(argv)
+    chosen = sizes["tiny" if args.tiny else args.device]
+    for flag, value in chosen.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    for flag in chosen:
+        least = 2 if flag == "vocab" else 1
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; none is visible (drop the flag to run on CPU)")
+    torch.set_num_threads(args.threads)  # the children set it from args too
+    return args
 
 
 def require_positive(cli, flags) -> None:
@@ -54,3 +403,15 @@ def require_positive(cli, flags) -> None:
     for flag in flags:
         if getattr(cli, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cli, flag)}")
+
+
+def machine_line(args) -> str:
+    if args.device == "cuda":
+        where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not available here)"
+    else:
+        where = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    return f"{where}; torch {torch.__version__}; load average (1/5/15 min) {load_average()}"
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
