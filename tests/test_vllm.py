@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import evaluate
@@ -176,6 +177,28 @@ def test_sync_pushes_the_trained_weights(engine, student, tokenizer):
     assert engine_logprob_gap(engine, trained, encoded, seed=1) > 0.05
     engine.sync(trained)
     assert engine_logprob_gap(engine, trained, encoded, seed=1) < 1e-4
+
+
+@requires_vllm
+def test_sync_gathers_fsdp2_shards(student, tokenizer, prompts, tmp_path):
+    """An FSDP2-sharded student (DTensor parameters, class FSDPQwen3ForCausalLM) feeds the engine as the plain
+    one does; one rank here, so full_tensor() gathers from itself."""
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        sharded = copy.deepcopy(student)
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        assert hasattr(next(sharded.parameters()), "full_tensor")
+        engine = rollout.VLLMEngine(sharded, tokenizer, max_model_len=MAX_LEN)
+        ours = engine.generate(prompts, n=1, max_new_tokens=30, temperature=0)
+        engine.close()  # vLLM's teardown destroys the process group too
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    hf = rollout.generate_rollouts(student, tokenizer, prompts, n=1, max_new_tokens=30, temperature=0)
+    assert torch.equal(hf.input_ids, ours.input_ids)
 
 
 @requires_vllm
