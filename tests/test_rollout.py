@@ -148,6 +148,21 @@ def test_model_sampling_defaults_are_ignored(model, tokenizer, prompts):
     assert skewed.generation_config.top_k == 1  # restored
 
 
+def test_samples_come_from_the_whole_vocabulary(tokenizer, prompts):
+    """temperature 1, top-p 1: no top-k of any kind (transformers' own default is 50). On a near-uniform model
+    the sampled tokens' ranks then reach past 50."""
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=1e-3,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    flat = Qwen3ForCausalLM(config).eval()
+    r = rollout.generate_rollouts(flat, tokenizer, prompts, n=8, max_new_tokens=10, seed=2)
+    probs = forward_logits(flat, r)[:, :-1][r.response_mask[:, 1:]]
+    tokens = r.input_ids[r.response_mask]
+    ranks = (probs > probs.gather(1, tokens[:, None])).sum(-1)  # 0 = the most likely token
+    assert len(tokenizer) > 60 and ranks.max() >= 55
+
+
 def test_training_model_with_gradient_checkpointing(model, tokenizer, prompts):
     trained = copy.deepcopy(model)
     # transformers 5.24 renamed the switch (activation_checkpointing_enable); 5.17 has only the old name
