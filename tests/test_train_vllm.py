@@ -1,0 +1,70 @@
+"""train.py --engine vllm: every step samples from the weights the step before made (§3: on-policy), in one
+process and under torchrun. Skipped where vllm is not installed (pip install -r requirements-vllm.txt)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rollout
+import tip
+import train
+from conftest import ROOT, char_tokenizer, tiny_causal_lm
+from test_vllm import engine_logprob_gap
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed: pip install -r requirements-vllm.txt")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A saved pair vLLM can run (its CPU attention needs heads of 32 or more) and a prompt file."""
+    folder = tmp_path_factory.mktemp("vllm_pair")
+    tokenizer = char_tokenizer()
+    for role, hidden, seed in (("teacher", 96, 1), ("student", 64, 2)):
+        tiny_causal_lm(tokenizer, hidden, seed=seed).save_pretrained(folder / role)
+        tokenizer.save_pretrained(folder / role)
+    rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def cli(folder, out_dir, *extra):
+    return ["--teacher", str(folder / "teacher"), "--student", str(folder / "student"), "--engine", "vllm",
+            "--prompts", str(folder / "prompts.jsonl"), "--no-math-instruction", "--steps", "3",
+            "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-response-len", "12",
+            "--max-prompt-len", "64", "--lr", "1e-2", "--seed", "3", "--out-dir", str(out_dir), *extra]
+
+
+def test_each_step_samples_from_the_weights_the_step_before_made(pair, tmp_path, monkeypatch):
+    """Around every sync after an optimizer step: before it, the engine's log-probabilities of its own samples
+    differ from the trained student's (recomputed with transformers, fp32); after it, they are equal."""
+    tokenizer = char_tokenizer()
+    encoded = tip.encode_prompts(tokenizer, [tip.format_prompt(tokenizer, f"{a}+1=") for a in range(3)])
+    gaps, real_sync = [], rollout.VLLMEngine.sync
+
+    def checked_sync(engine, model):
+        before = engine_logprob_gap(engine, model, encoded, seed=1) if gaps else None  # the first: at creation
+        real_sync(engine, model)
+        gaps.append((before, engine_logprob_gap(engine, model, encoded, seed=1)))
+    monkeypatch.setattr(rollout.VLLMEngine, "sync", checked_sync)
+    train.main(cli(pair, tmp_path, "--run-name", "on-policy"))
+    assert len(gaps) == 4  # at creation, then after each of the 3 steps
+    assert all(after < 1e-4 for _, after in gaps)
+    assert all(before > 1e-3 for before, _ in gaps[1:])
+    lines = [json.loads(line) for line in (tmp_path / "on-policy" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and not any(line["skipped"] for line in lines)
+
+
+def test_two_processes_with_the_engine(pair, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), *cli(pair, tmp_path, "--run-name", "two", "--steps", "2")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(line["response_tokens"] > 0 and not line["skipped"] for line in lines)
+    assert (tmp_path / "two" / "final" / "model.safetensors").exists()
