@@ -197,6 +197,8 @@ def cmd_train(args) -> None:
                "--save-every", "0"]
     command += ["--ratio", str(args.ratio)] if args.ratio is not None else []
     command += ["--exclude-mistakes"] if args.exclude_mistakes else []
+    if args.teacher or args.student:  # a pair other than the world's folders (the toy preset all the same)
+        command += ["--preset", "toy", "--teacher", args.teacher, "--student", args.student]
     run_dir = out_dir / name
     start = time.time()
     if not (run_dir / "final").exists():
@@ -206,7 +208,8 @@ def cmd_train(args) -> None:
     train_seconds = time.time() - start
     world = facts.facts_world()
     report = {"run": name, "rule": args.rule, "ratio": args.ratio, "seed": args.seed, "steps": args.steps,
-              "exclude_mistakes": args.exclude_mistakes, "command": " ".join(command[1:]),
+              "exclude_mistakes": args.exclude_mistakes,
+              "pair": [args.teacher or "world teacher", args.student or "world student"], "command": " ".join(command[1:]),
               "train_seconds": round(train_seconds, 1), **kept_shares(run_dir / "metrics.jsonl"),
               **measure_student(run_dir / "final", world, args.samples, args.seed)}
     RESULTS.joinpath("facts_runs").mkdir(parents=True, exist_ok=True)
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--ratio", type=float, default=None)
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--exclude-mistakes", action="store_true")
+    train.add_argument("--teacher", default="", help="teacher folder (default: the world's)")
+    train.add_argument("--student", default="", help="student folder to start from (default: the world's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     {"measure": cmd_measure, "train": cmd_train, "table": cmd_table}[args.command](args)
