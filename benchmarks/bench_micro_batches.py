@@ -19,9 +19,10 @@ AdamW as train.py's setup builds them, a warm-up step at learning rate 0 on 2 sh
 then exist and the weights are unchanged, so both paths start their first timed step from the same weights),
 then --repeats timed steps. Peak: the largest, over the timed steps, of the memory above the state before the
 step (common.measure: max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each
-step). Time: the median step. On CPU the two paths of one size are alive together and take their timed steps
-in turn, so a shared machine's changing load slows both alike; on GPU they run one after the other (one
-variant's memory at a time). Both paths' first timed steps are compared (common.step_agreement): the loss, the
+step). Time: the median step; the time target compares CPU time on a CPU (common.step_time: a step's own work,
+which a shared machine's load barely moves) and wall time on GPU; on CPU the wall times are printed too. On CPU
+the two paths of one size are alive together and take their timed steps in turn, so a shared machine's changing
+load slows both alike; on GPU they run one after the other (one variant's memory at a time). Both paths' first timed steps are compared (common.step_agreement): the loss, the
 gradient norm before clipping, and the clipped gradients the optimizer steps with, tensor by tensor as
 max |Δ| / max |g|.
 
@@ -46,8 +47,8 @@ from pathlib import Path
 import torch
 
 from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, Verdicts, add_flags, gib, load_average,
-                    machine_line, measured, parse_flags, run_variants, step_agreement, step_setup,
-                    teacher_hidden_size, warm_up_batch)
+                    machine_line, measured, parse_flags, run_variants, step_agreement, step_setup, step_time,
+                    teacher_hidden_size, time_cell, warm_up_batch)
 
 PATHS = ("two-pass", "single-forward")
 RULE = "type_aware"
@@ -144,7 +145,8 @@ def print_table(results: dict, agreement: dict, args, verdicts: Verdicts) -> Non
     reference = {path: results[variant_name(args.micro_batches[0], path)] for path in PATHS}
     print(f"\n| micro-batches | kept / response tokens | two-pass peak ({memory}) | ÷ its peak at "
           f"{args.micro_batches[0]} | single-forward peak | ÷ its peak at {args.micro_batches[0]} | two-pass step "
-          f"| single-forward step | two-pass ÷ single-forward time | paths agree? |")
+          f"| single-forward step | two-pass ÷ single-forward time{', CPU (wall)' if args.device == 'cpu' else ''} "
+          f"| paths agree? |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.micro_batches:
         two_pass, single = (results[variant_name(n, path)] for path in PATHS)
@@ -160,9 +162,14 @@ def print_table(results: dict, agreement: dict, args, verdicts: Verdicts) -> Non
         ok, line = agreement[n]
         print(f"| {n} | {first['kept_tokens']} / {first['response_tokens']} | {gib(two_pass['peak_bytes'])} "
               f"| {growth(two_pass, 'two-pass')} | {gib(single['peak_bytes'])} | {growth(single, 'single-forward')} "
-              f"| {two_pass['seconds']:.2f} s | {single['seconds']:.2f} s "
-              f"| {two_pass['seconds'] / single['seconds']:.3f} | {verdicts.agreement(f'{n} micro-batches', ok)}: "
+              f"| {time_cell(two_pass, args.device)} | {time_cell(single, args.device)} "
+              f"| {ratio_cell(two_pass, single, args.device)} | {verdicts.agreement(f'{n} micro-batches', ok)}: "
               f"{line} |")
+
+
+def ratio_cell(two_pass: dict, single: dict, device: str) -> str:
+    ratio = f"{step_time(two_pass, device) / step_time(single, device):.3f}"
+    return ratio + (f" ({two_pass['seconds'] / single['seconds']:.3f})" if device == "cpu" else "")
 
 
 def check(results: dict, args, verdicts: Verdicts) -> None:
@@ -173,8 +180,9 @@ def check(results: dict, args, verdicts: Verdicts) -> None:
     print(f"\ntarget: two-pass peak at {most} / at {fewest} micro-batch(es) = "
           f"{verdicts.target(f'two-pass peak at {most} micro-batches', growth, PEAK_TARGET)} "
           f"(single-forward, for contrast: {contrast:.3f})")
-    time_ratio = two_pass["seconds"] / single["seconds"]
-    print(f"target: two-pass / single-forward step time at {most} micro-batches = "
+    time_ratio = step_time(two_pass, args.device) / step_time(single, args.device)
+    which = "CPU time" if args.device == "cpu" else "time"
+    print(f"target: two-pass / single-forward step {which} at {most} micro-batches = "
           f"{verdicts.target(f'two-pass time at {most} micro-batches', time_ratio, TIME_TARGET)}")
 
 

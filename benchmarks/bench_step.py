@@ -30,8 +30,8 @@ timed step starts from the same weights and the state right before each timed st
 variant (weights, teacher, optimizer state, batch; no gradients, as train_step leaves them). The reported peak
 is the largest, over the timed steps, of the memory above that state (common.measure: CUDA's
 max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each step). Time is the median
-wall time of --repeats steps (CUDA synchronised); on a shared CPU the load average, printed before and after,
-says how far to trust it.
+wall time of --repeats steps (CUDA synchronised), and on CPU their median CPU time too: on a shared CPU wall
+time depends on the other jobs (the load average is printed before and after), CPU time much less.
 
 Agreement. The ρ = 1.0 step and the naive step compute the same loss and gradient (Eq. 9 with every token kept
 is Eq. 1), so their first timed steps, from the same weights, are compared (common.step_agreement): the losses,
@@ -59,7 +59,8 @@ from pathlib import Path
 import torch
 
 from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, Verdicts, add_flags, gib, machine_line, measured,
-                    parse_flags, run_variants, step_agreement, step_setup, teacher_hidden_size, warm_up_batch)
+                    parse_flags, run_variants, step_agreement, step_setup, teacher_hidden_size, time_cell,
+                    warm_up_batch)
 
 RATIOS = (1.0, 0.5, 0.1)
 VARIANTS = tuple(f"rho={r}" for r in RATIOS) + ("naive",)
@@ -84,7 +85,7 @@ SIZES = {  # the naive step would need ≈ 21 GiB of RAM at 16 × 256 (≈ 8 fp3
 
 def naive_step(student, teacher, batch, optimizer, config) -> dict:
     """Eq. 1 the obvious way: [B, L, V] logits from both models, fp32 log-softmax, the reverse KL per position,
-    its mean over response tokens, autograd backward through all of it, clip, AdamW at config.lr."""
+    its mean over response tokens, autograd backward through all of it; then train.py's clip and AdamW step."""
     import train
 
     for group in optimizer.param_groups:
@@ -104,7 +105,9 @@ def naive_step(student, teacher, batch, optimizer, config) -> dict:
     reverse_kl = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
     loss = reverse_kl[targets].mean()
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip).item()
+    # clipped as train_step clips: torch.nn.utils.clip_grad_norm_ reports the norm of a 39M-element fp32 gradient
+    # 0.3 % off here (its fp32 vector norm), train.py's sum of squares is within 1e-7 of float64
+    grad_norm = train.sync_and_clip_gradients(student, config.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = int(targets.sum())
@@ -181,7 +184,7 @@ def print_table(results: dict, args) -> list[str]:
         def ratio(other):
             return f"{r['peak_bytes'] / max(other['peak_bytes'], 1):.2f}" if "error" not in other else "–"
         print(f"| {name} | {kept} | {gib(r['before_bytes'])} | {gib(r['peak_bytes'])} | {ratio(reference)} "
-              f"| {ratio(naive)} | {r['seconds']:.2f} s |")
+              f"| {ratio(naive)} | {time_cell(r, args.device)} |")
     return [v for v in VARIANTS if "error" in results[v]]
 
 

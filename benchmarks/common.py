@@ -55,7 +55,8 @@ def reset_max_rss() -> bool:
 
 
 def measure(step, device: torch.device) -> dict:
-    """Run `step()` (it returns a dict) once; add its wall time and its peak memory above the state before it:
+    """Run `step()` (it returns a dict) once; add its wall time, its CPU time (all threads of the process) and
+    its peak memory above the state before it:
       GPU  torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats, minus
            torch.cuda.memory_allocated before the step (bytes in live tensors);
       CPU  ru_maxrss after the step minus the RSS before it, the high-water mark first lowered to the current
@@ -73,14 +74,26 @@ def measure(step, device: torch.device) -> dict:
     else:
         before = current_rss_bytes()
         exact = reset_max_rss()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = step()
     if cuda:
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = (torch.cuda.max_memory_allocated(device) if cuda else max_rss_bytes()) - before
     # RSS read just before the reset may exceed what the reset records by a few pages: no growth is 0
-    return dict(result, seconds=seconds, peak_bytes=max(peak, 0), before_bytes=before, exact=exact)
+    return dict(result, seconds=seconds, cpu_seconds=cpu_seconds, peak_bytes=max(peak, 0), before_bytes=before,
+                exact=exact)
+
+
+def step_time(r: dict, device: str) -> float:
+    """The time a target compares. On a CPU, the process's CPU time: the step's own work, which other jobs on a
+    shared machine barely move (here, at load 7–12 on 2 cores, one step's wall time varied by a third from run
+    to run of the same code, its CPU time by 2 %). On a GPU, wall time (synchronised)."""
+    return r["cpu_seconds"] if device == "cpu" else r["seconds"]
+
+
+def time_cell(r: dict, device: str) -> str:
+    return f"{r['seconds']:.3g} s" + (f" ({r['cpu_seconds']:.3g} s CPU)" if device == "cpu" else "")
 
 
 def gib(n_bytes: float) -> str:
@@ -121,13 +134,20 @@ class Child:
         child_end.close()  # the child holds its end: a child that dies then reads as end of file here
         self.receive("ready")
 
-    def receive(self, word: str):
-        """The child's answer to the last command, or None once it has failed (`error` says why)."""
+    def ask(self, command: str, word: str):
+        """Send `command`; the child's answer, or None once it has failed (`error` says why)."""
         if self.error:
             return None
         try:
+            self.connection.send(command)
+        except OSError:  # the child is gone; receive() says why
+            pass
+        return self.receive(word)
+
+    def receive(self, word: str):
+        try:
             kind, value = self.connection.recv()
-        except (EOFError, ConnectionError):
+        except (EOFError, OSError):
             self.process.join()
             code = self.process.exitcode
             kind, value = "error", (f"killed by signal {-code} (out of memory?)" if code and code < 0
@@ -139,23 +159,20 @@ class Child:
         return None
 
     def step(self) -> None:
-        if not self.error:
-            self.connection.send("step")
-            answer = self.receive("step")
-            if answer is not None:
-                self.steps.append(answer)
+        answer = self.ask("step", "step")
+        if answer is not None:
+            self.steps.append(answer)
 
     def finish(self) -> dict:
-        """{"steps": the step dicts, "seconds": their median time, "peak_bytes": their largest peak,
+        """{"steps": the step dicts, "seconds", "cpu_seconds": their median times, "peak_bytes": their largest peak,
         "before_bytes", "exact", "first": the first step's dict, and the finish dict}, or {"error": why}."""
-        if not self.error:
-            self.connection.send("finish")
-            final = self.receive("done")
-            self.process.join()
+        final = self.ask("finish", "done")
+        self.process.join()
         if self.error:
             return {"error": self.error}
         steps = self.steps
         return dict(final, steps=steps, first=steps[0], seconds=statistics.median(s["seconds"] for s in steps),
+                    cpu_seconds=statistics.median(s["cpu_seconds"] for s in steps),
                     peak_bytes=max(s["peak_bytes"] for s in steps), before_bytes=steps[0]["before_bytes"],
                     exact=all(s["exact"] for s in steps))
 

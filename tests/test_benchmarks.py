@@ -14,7 +14,7 @@ BREAKS = {
     # the chunked loss's gradient with the wrong sign: train.py's step then ascends the KL
     "bench_score": "negated_score_gradient",
     "bench_step": "negated_score_gradient",
-    # the two-pass path divides its loss by twice the step's kept count: clipping hides the scale, the norm does not
+    # the two-pass path divides its loss by twice the step's kept count: half the gradient of the single-forward path
     "bench_micro_batches": "two_pass_divides_twice",
 }
 PATCHES = {
