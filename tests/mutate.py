@@ -110,6 +110,8 @@ MUTANTS = [
     # toy.py: the built-in world
     Mutant("the no-carry rule carries", "toy.py", "result += (a % 10 + b % 10) % 10 * place",
            "result += (a % 10 + b % 10) * place", ("tests/test_toy.py",)),
+    Mutant("the wrong-fact token is the one before the value", "facts.py", "[owner[m.end()] for m in",
+           "[owner[m.end() - 1] for m in", ("tests/test_facts.py",)),
     Mutant("trigger problems need no carry", "toy.py", '(name != "trigger" or needs_carry(operands, ops))',
            '(name != "trigger" or not needs_carry(operands, ops))', ("tests/test_toy.py",)),
 ]
