@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(config, device)
     except tip.InputError as error:  # a user's mistake: the message alone, once, and a non-zero exit
+        if tip.rank() != 0:  # torchrun stops every process when one fails: rank 0 gets the time to say why
+            time.sleep(10)
         raise SystemExit(f"error: {error}" if tip.rank() == 0 else 1) from None
     finally:
         if tip.is_distributed():  # closing a vLLM engine has ended it already
