@@ -14,17 +14,17 @@ common.make_rollouts). With one micro-batch train.py takes the single-forward pa
 columns of that row measure the same code: their time ratio shows how far the times can be trusted. On GPU
 the student computes under train.py's bf16 autocast.
 
-Each variant (micro-batches × path) runs in its own fresh process (common.run_variants): models, batch and
-AdamW as train.py's setup builds them, a warm-up step at learning rate 0 on 2 short rollouts (AdamW's moments
-then exist and the weights are unchanged, so both paths start their first timed step from the same weights),
-then --repeats timed steps. Peak: the largest, over the timed steps, of the memory above the state before the
-step (common.measure: max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each
-step). Time: the median step; the time target compares CPU time on a CPU (common.step_time: a step's own work,
-which a shared machine's load barely moves) and wall time on GPU; on CPU the wall times are printed too. On CPU
-the two paths of one size are alive together and take their timed steps in turn, so a shared machine's changing
-load slows both alike; on GPU they run one after the other (one variant's memory at a time). Both paths' first timed steps are compared (common.step_agreement): the loss, the
-gradient norm before clipping, and the clipped gradients the optimizer steps with, tensor by tensor as
-max |Δ| / max |g|.
+Each variant (micro-batches × path) runs in its own fresh process (common.run_variants): models, batch and AdamW
+as train.py's setup builds them, a warm-up step at learning rate 0 on 2 short rollouts (AdamW's moments then
+exist and the weights are unchanged, so both paths start their first timed step from the same weights), then
+--repeats timed steps. Peak: the largest, over the timed steps, of the memory above the state before the step
+(common.measure: max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each step).
+Time: the median step; the time target compares CPU time on a CPU (common.step_time: a step's own work, which a
+shared machine's load moves less) and wall time on GPU; on CPU the wall times are printed too. On CPU the two
+paths of one size are alive together and take their timed steps in turn, so a shared machine's changing load
+slows both alike; on GPU they run one after the other (one variant's memory at a time). Both paths' first timed
+steps are compared (common.step_agreement): the loss, the gradient norm before clipping, and the clipped
+gradients the optimizer steps with, tensor by tensor as max |Δ| / max |g|.
 
 Targets: two-pass peak at the most micro-batches ≤ 1.2× its peak at the fewest (one); two-pass step time
 ≤ 1.35× the single-forward time on the same batch at the most micro-batches (every size is printed). Exit code

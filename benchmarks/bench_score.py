@@ -17,11 +17,10 @@ Each child builds its inputs and takes one warm-up step; then both children, ali
 --repeats timed steps in turn (a shared machine's changing load hits both alike). For each it reports the
 largest peak memory above the state right before a step (common.measure: CUDA's max_memory_allocated on GPU;
 on CPU ru_maxrss, lowered to the current RSS before each step), the median wall time (and CPU time, on CPU),
-and the chunked/naive ratios against the targets: memory ≤ 10 % of naive, time ≤ 1.0× naive, where time is CPU
-time on a CPU (common.step_time: a step's own work, which a shared machine's load barely moves) and wall time
-on GPU. The children save their loss and
-gradients and the parent prints the largest differences, so a fast wrong path, or a backward with the wrong
-sign, cannot pass.
+and the chunked/naive ratios against the targets: memory ≤ 10 % of naive, time ≤ 1.0× naive, where time is
+CPU time on a CPU (common.step_time: a step's own work, which a shared machine's load moves less) and wall
+time on GPU. The children save their loss and gradients and the parent prints the largest differences, so a
+fast wrong path, or a backward with the wrong sign, cannot pass.
 
 Exit code 1 when a variant fails, the two disagree, or a target is missed. --tiny (N = 64, V = 512, d = 32,
 chunk 16, 1 step) runs in seconds and checks agreement the same way; its tensors are a few hundred KiB, below

@@ -14,13 +14,14 @@ forward, chunked scoring, the type_aware selection at ρ, the chunked loss at th
 AdamW), at ρ ∈ {1.0, 0.5, 0.1}, and a naive step on the same models and batch: full student logits
 `student(input_ids, attention_mask, position_ids).logits` and teacher logits in fp32 at every position (as
 `.logits` gives them), log-softmax, the reverse KL averaged over response tokens (no selection), backward,
-clip, AdamW. The models are small random Qwen3 stacks (student --hidden, teacher 1.5× wider, --layers each)
-with Qwen3's vocabulary V = 151,936, so that, as in real models, the vocabulary dominates; the student is set
-up by `train.prepare_student`, as train.py does it (fp32 master weights, training mode, gradient checkpointing
-unless --no-gradient-checkpointing), with train.py's bf16 autocast on GPU; the teacher is in --dtype. The batch
-is synthetic rollouts laid out as rollout.py returns them (common.make_rollouts), so nothing depends on
-sampling. The default batch is 16 rollouts × ≤256 tokens on GPU and 8 × ≤128 on CPU: the naive step holds
-about 8 fp32 [B, L, V] tensors at its peak, about 21 GiB of RAM at 16 × 256.
+then train.py's clip and AdamW. The models are small random Qwen3 stacks (student --hidden, teacher 1.5×
+wider, --layers each) with Qwen3's vocabulary V = 151,936, so that, as in real models, the vocabulary
+dominates; the student is set up by `train.prepare_student`, as train.py does it (fp32 master weights,
+training mode, gradient checkpointing unless --no-gradient-checkpointing), with train.py's bf16 autocast on
+GPU; the teacher is in --dtype. The batch is synthetic rollouts laid out as rollout.py returns them
+(common.make_rollouts), so nothing depends on sampling. The default batch is 16 rollouts × ≤256 tokens on GPU
+and 8 × ≤128 on CPU: the naive step holds about 8 fp32 [B, L, V] tensors at its peak, about 21 GiB of RAM at
+16 × 256.
 
 How memory is measured. Each variant runs in its own fresh process, one after another (common.run_variants).
 The child builds the models, the batch and the AdamW optimizer (as train.py's setup does), then takes one

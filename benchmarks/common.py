@@ -87,8 +87,8 @@ def measure(step, device: torch.device) -> dict:
 
 def step_time(r: dict, device: str) -> float:
     """The time a target compares. On a CPU, the process's CPU time: the step's own work, which other jobs on a
-    shared machine barely move (here, at load 7–12 on 2 cores, one step's wall time varied by a third from run
-    to run of the same code, its CPU time by 2 %). On a GPU, wall time (synchronised)."""
+    shared machine move much less than its wall time (here, at load 5–12 on 2 cores, two processes taking turns
+    at the same step differed by up to 1.33× in wall time and 1.13× in CPU time). On a GPU, wall time."""
     return r["cpu_seconds"] if device == "cpu" else r["seconds"]
 
 
