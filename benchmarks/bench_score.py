@@ -164,7 +164,7 @@ def check_agreement(results: dict, args, verdicts: Verdicts) -> None:
     loss, plain = chunked["first"]["loss"], naive["first"]["loss"]
     ok = abs(loss - plain) <= tolerance * max(abs(plain), 1.0)
     print(f"\nagreement: loss naive {plain:.6f} nats, chunked {loss:.6f}, |Δ| {abs(loss - plain):.2e}")
-    gradients = [torch.load(r["gradients"], weights_only=True) for r in (naive, chunked)]
+    gradients = [torch.load(r["gradients"], map_location="cpu", weights_only=True) for r in (naive, chunked)]
     for name in ("grad_hidden", "grad_head"):
         diff, scale = max_abs_diff(gradients[0][name], gradients[1][name]), max_abs(gradients[0][name])
         ok &= diff <= tolerance * scale
