@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import os
@@ -237,6 +238,24 @@ def write_atomically(path: str | Path, write, folder: bool = False) -> None:
     finally:
         for leftover in (tmp, old):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def build_once(path: Path, build, rebuild: bool = False, log=print) -> Path:
+    """`path`, a folder that `build(tmp)` fills, made on first use and kept: world.json, written last by
+    `build`, marks it finished. A lock makes concurrent callers (torchrun ranks) wait for one build, which runs
+    in a temporary folder renamed into place (`write_atomically`), so a killed build never leaves half of one."""
+    if (path / "world.json").exists() and not rebuild:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "world.json").exists() and not rebuild:
+            return path  # built by another process while this one waited
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        log(f"building {path}")
+        write_atomically(path, build, folder=True)
+    return path
 
 
 # --- the pair T, S_θ (§3): one tokenizer, logits = hidden @ headᵀ ---

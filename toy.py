@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import os
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,22 +318,9 @@ def build_world(folder: Path, recipe: ToyRecipe, log=print) -> None:
 
 def toy_world(cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_RECIPE, rebuild: bool = False,
               log=print) -> Path:
-    """The toy world's folder — teacher/, student/, {train,test,trigger}.jsonl, world.json — built on first
-    use and cached (`world_path`). The build runs in a temporary folder renamed into place at its end, so a
-    killed build never leaves a half world; a lock makes concurrent callers (torchrun ranks) wait for one."""
-    path = world_path(cache_dir, recipe)
-    if (path / "world.json").exists() and not rebuild:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (path / "world.json").exists() and not rebuild:
-            return path  # built by another process while this one waited
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed build (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        log(f"building the toy world in {path}")
-        tip.write_atomically(path, lambda tmp: build_world(tmp, recipe, log), folder=True)
-    return path
+    """The toy world's folder — teacher/, student/, its splits as .jsonl, world.json — built on first use
+    and cached (`world_path`, `tip.build_once`)."""
+    return tip.build_once(world_path(cache_dir, recipe), lambda tmp: build_world(tmp, recipe, log), rebuild, log)
 
 
 # ---------------------------------------------------------------- measurement
