@@ -54,7 +54,8 @@ def runs(tmp_path_factory):
     commands.update({(b, "broken"): [broken_script(b, folder)] for b in BENCHMARKS})
     started = {key: subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True) for key, command in commands.items()}
-    return {key: (process.wait(timeout=300), process.stdout.read()) for key, process in started.items()}
+    outputs = {key: process.communicate(timeout=600)[0] for key, process in started.items()}
+    return {key: (process.returncode, outputs[key]) for key, process in started.items()}
 
 
 @pytest.mark.parametrize("benchmark", BENCHMARKS)
