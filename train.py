@@ -121,7 +121,8 @@ def train_on_kept(student, teacher, batch: Rollouts, kept_mask, teacher_rows, st
     (chunked, gradient per chunk), divided by the kept count of the whole step on all ranks (Eq. 9), backward;
     its activations are freed before the next micro-batch. Returns this rank's summed loss."""
     student_head, teacher_head = tip.lm_head_weight(student), tip.lm_head_weight(teacher)
-    response_mask, loss_sum = batch.response_mask.bool(), 0.0
+    response_mask = batch.response_mask.bool()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=student_head.device)
     for i, start in enumerate(range(0, response_mask.shape[0], config.micro_batch_size)):
         rows = slice(start, start + config.micro_batch_size)
         kept_rows = kept_mask[rows][response_mask[rows]]  # this micro-batch's kept tokens, in row order
@@ -129,12 +130,12 @@ def train_on_kept(student, teacher, batch: Rollouts, kept_mask, teacher_rows, st
             hidden = student_rows[i] if student_rows[i] is not None else response_hidden_states(student, batch, rows)
             loss = score.distillation_loss(hidden[kept_rows], student_head, teacher_rows[i][kept_rows], teacher_head,
                                            config.chunk_size, "sum", config.divergence, config.jsd_beta)
-        loss_sum += loss.item()
+        loss_sum += loss.detach()
         if kept_tokens > 0:
             (loss / kept_tokens).backward()
         teacher_rows[i] = student_rows[i] = None  # free this micro-batch before the next
         del hidden, loss
-    return loss_sum
+    return loss_sum.item()  # one device sync per step, not one per micro-batch
 
 
 def accumulate_gradients(student, teacher, batch: Rollouts, config: tip.Config, generator: torch.Generator | None,
