@@ -347,6 +347,12 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
         parser.error(f"--resume: no complete checkpoint in {Path(config.out_dir) / config.run_name}")
     if config.fsdp and "RANK" not in os.environ:
         parser.error("--fsdp shards over processes: launch with torchrun")
+    shares = [round((r + 1) * rollouts / processes) - round(r * rollouts / processes) for r in range(processes)]
+    if config.fsdp and len({math.ceil(share / config.micro_batch_size) for share in shares}) > 1:
+        # FSDP2 gathers and reduces each layer in every forward and backward: ranks must run as many of them
+        parser.error(f"--fsdp: {rollouts} rollouts over {processes} processes are shares of {min(shares)} and "
+                     f"{max(shares)}, which make different numbers of micro-batches of {config.micro_batch_size}; "
+                     f"use --micro-batch-size {max(shares)}, or prompts x rollouts divisible by the processes")
     try:
         tip.template_switches(config)
         if config.engine == "vllm":

@@ -261,7 +261,7 @@ def test_ranks_match_one_process(tmp_path, mode, nproc):
     ~1e-3), identical on every rank."""
     result = torchrun(nproc, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), mode)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reference, reference_metrics = one_step()
+    reference, reference_metrics = one_step(rows=8 if mode == "fsdp" else 7)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
     for name, update in reference.items():
         assert update.abs().max() > 0, name
@@ -415,6 +415,14 @@ def test_bad_flags_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         train.parse_config(["--engine", "vllm"])
     assert "pip install -r requirements-vllm.txt" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        train.parse_config(["--fsdp", "--prompts-per-step", "1", "--rollouts-per-prompt", "7",
+                            "--micro-batch-size", "1"])
+    assert "shares of 1 and 2, which make different numbers of micro-batches of 1" in capsys.readouterr().err
+    train.parse_config(["--fsdp", "--prompts-per-step", "1", "--rollouts-per-prompt", "7", "--micro-batch-size", "2"])
+    monkeypatch.delenv("RANK")
     monkeypatch.setenv("WORLD_SIZE", "9")
     with pytest.raises(SystemExit):
         train.parse_config(["--prompts-per-step", "2", "--rollouts-per-prompt", "4"])

@@ -63,12 +63,12 @@ def rank_share(batch: Rollouts) -> Rollouts:
     return Rollouts(*(field[rows] for field in batch))
 
 
-def one_step(fsdp: bool = False, micro_batch_size: int = 64) -> tuple[dict, dict]:
+def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7) -> tuple[dict, dict]:
     """One SGD step of type_aware selection with a clip that binds, on this rank's share of the batch.
     Returns (the weight update after − before, by name; the step's metrics)."""
     teacher, student = make_pair()
     before = {name: value.detach().clone() for name, value in student.state_dict().items()}
-    batch = rank_share(make_batch())
+    batch = rank_share(make_batch(rows))
     if fsdp:
         train.shard_with_fsdp(student)
         train.shard_with_fsdp(teacher)
@@ -106,8 +106,10 @@ def worker() -> None:
                                            seed=0)
         (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(accuracy))
     else:
-        # FSDP2 also accumulates: its 1–4 rows per rank run as micro-batches of 2
-        update, metrics = one_step(fsdp=mode == "fsdp", micro_batch_size=2 if mode == "fsdp" else 64)
+        # FSDP2 also accumulates, on the two-pass path: 8 rows, 2 per rank, in micro-batches of 1 (FSDP2 needs
+        # as many forwards on every rank; train.py's parse_config refuses shares that would differ)
+        fsdp = mode == "fsdp"
+        update, metrics = one_step(fsdp, micro_batch_size=1 if fsdp else 64, rows=8 if fsdp else 7)
         torch.save(dict(update=update, metrics=metrics), out_dir / f"rank{tip.rank()}.pt")
     torch.distributed.destroy_process_group()
 
