@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import random
 import re
 import time
@@ -273,9 +271,7 @@ def sft(model, batches, steps: int, lr: float, confidence: float = 1.0, log=prin
 def world_path(cache_dir: str | Path | None = None, recipe: FactsRecipe | None = None) -> Path:
     """<cache_dir, else $TIP_CACHE, else ~/.cache/tip>/facts-v<RECIPE_VERSION>-<hash of the recipe's fields>."""
     recipe = recipe or DEFAULT_RECIPE
-    root = Path(cache_dir or os.environ.get("TIP_CACHE") or Path.home() / ".cache" / "tip").expanduser()
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()).hexdigest()[:10]
-    return root / f"facts-v{RECIPE_VERSION}-{digest}"
+    return tip.cache_folder(cache_dir, f"facts-v{RECIPE_VERSION}", recipe)
 
 
 def build_world(folder: Path, recipe: FactsRecipe, log=print) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -238,6 +239,14 @@ def write_atomically(path: str | Path, write, folder: bool = False) -> None:
     finally:
         for leftover in (tmp, old):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def cache_folder(cache_dir: str | Path | None, name: str, recipe) -> Path:
+    """<cache_dir, else $TIP_CACHE, else ~/.cache/tip>/<name>-<hash of the recipe dataclass's fields>: a different
+    recipe never reuses a stale build."""
+    root = Path(cache_dir or os.environ.get("TIP_CACHE") or Path.home() / ".cache" / "tip").expanduser()
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"{name}-{digest}"
 
 
 def build_once(path: Path, build, rebuild: bool = False, log=print) -> Path:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -287,9 +286,7 @@ def sft(model, tokenizer, recipe: ToyRecipe, held_out: set[str], steps: int, lr:
 
 def world_path(cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_RECIPE) -> Path:
     """<cache_dir, else $TIP_CACHE, else ~/.cache/tip>/toy-v<RECIPE_VERSION>-<hash of the recipe's fields>."""
-    root = Path(cache_dir or os.environ.get("TIP_CACHE") or Path.home() / ".cache" / "tip").expanduser()
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()).hexdigest()[:10]
-    return root / f"toy-v{RECIPE_VERSION}-{digest}"
+    return tip.cache_folder(cache_dir, f"toy-v{RECIPE_VERSION}", recipe)
 
 
 def build_world(folder: Path, recipe: ToyRecipe, log=print) -> None:
