@@ -20,7 +20,11 @@ has genuine freedom that teacher and student share: between the pieces of a solu
 (`space_share`); those tokens are high h and low δ (Q2) for both models and stay so under distillation, so a
 wrong fact stays below the median entropy while everything else trains. No space may precede a value or a
 computed digit, whose distributions must stay pure. (2) The student is smaller and trained less than the
-teacher, so its arithmetic is only partly learned (Q1, the uncertain signal of real OPD).
+teacher, so its arithmetic is only partly learned (Q1, the uncertain signal of real OPD). (3) A teacher that
+only ever saw true values recalls a fact again wherever the solution uses it, and then disagrees with a
+student's wrong value in every later line: those tokens would fix the fact too. So the teacher's SFT writes
+`teacher_copy_share` of its fact lines with another value (no loss on it) and does the arithmetic with that
+value: the teacher learns to use the value the line above wrote, and a wrong fact differs only where it is written.
 
 `python facts.py` builds (or `--rebuild`s) the world and prints each fact's value probabilities under both
 models. The accuracies, quadrants and training experiments are in benchmarks/facts_world.py.
@@ -64,6 +68,7 @@ class FactsRecipe:
     clean_problems: int = 300        # held out, none needs a wrong fact
     space_share: float = 0.25        # chance that a space stands between two pieces of a solution (trap 1)
     student_confidence: float = 0.95  # the student's SFT target on its own wrong value; the rest: the teacher's
+    teacher_copy_share: float = 0.2  # fact lines the teacher's SFT writes with another value, unlearned (trap 3)
     batch_size: int = 64
     head_dim: int = 32
     teacher_hidden: int = 128
@@ -186,12 +191,16 @@ def facts_mistake_positions(prompt_text: str, response_tokens: list[str],
     A fact line names its fact, so the response alone decides; `prompt_text` (the chat-formatted prompt) is
     part of the signature every world shares.
     """
-    wrong = wrong_names(recipe)
+    return value_positions(response_tokens, wrong_names(recipe))
+
+
+def value_positions(response_tokens: list[str], names: set[str]) -> list[int]:
+    """Indices of the tokens that hold the value written after "X=" (spaces allowed around "=") for X in `names`."""
     text, owner = "", []
     for index, token in enumerate(response_tokens):
         text += token
         owner += [index] * len(token)
-    return [owner[m.end()] for m in re.finditer(f"([{NAMES}]) *= *", text) if m[1] in wrong and m.end() < len(text)]
+    return [owner[m.end()] for m in re.finditer(f"([{NAMES}]) *= *", text) if m[1] in names and m.end() < len(text)]
 
 
 # ---------------------------------------------------------------- tokenizer, models, SFT
@@ -213,26 +222,33 @@ def build_tokenizer():
 
 
 def sft_batches(tokenizer, recipe: FactsRecipe, values: dict[str, int], truth: dict[str, int],
-                held_out: set[str], stream: int, steps: int):
+                held_out: set[str], stream: int, steps: int, copy_share: float = 0.0):
     """`steps` batches (ids, attention mask, labels, alternative labels) of prompt-formatted solutions written
     with `values`. labels are -100 off the response; alternative labels hold the true value where `values`
-    is wrong (the soft target's other half) and -100 elsewhere."""
+    is wrong (the soft target's other half) and -100 elsewhere. With `copy_share`, that share of fact lines
+    writes another value, carried through the arithmetic, with label -100 on it (trap 3)."""
     rng, wrong = random.Random(f"{recipe.seed}-sft-{stream}"), {n for n in truth if truth[n] != values[n]}
     for _ in range(steps):
-        texts, prompt_lengths = [], []
+        texts, prompt_lengths, rewritten = [], [], []
         while len(texts) < recipe.batch_size:
             names, ops = _random_problem(rng, recipe, truth)
             if problem_text(names, ops) in held_out:
                 continue
+            changed = {n: rng.choice([v for v in range(1, 10) if v != values[n]]) for n in names
+                       if copy_share and rng.random() < copy_share}
             prompt = tip.format_prompt(tokenizer, problem_text(names, ops))
-            texts.append(prompt + solve(names, ops, values, rng, recipe.space_share)[0] + tokenizer.eos_token)
+            text = solve(names, ops, {**values, **changed}, rng, recipe.space_share)[0]
+            texts.append(prompt + text + tokenizer.eos_token)
             prompt_lengths.append(len(tokenizer(prompt, add_special_tokens=False).input_ids))
+            rewritten.append(set(changed))
         batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         alternative = torch.full_like(labels, -100)
         for row, length in enumerate(prompt_lengths):
             labels[row, :length] = -100
             tokens = tokenizer.convert_ids_to_tokens(batch.input_ids[row, length:].tolist())
+            for position in value_positions(tokens, rewritten[row]):
+                labels[row, length + position] = -100  # a value written on purpose wrong: used, not learned
             for position in facts_mistake_positions("", tokens, recipe) if wrong else []:
                 name = re.findall(f"[{NAMES}]", "".join(tokens[:position]))[-1]
                 alternative[row, length + position] = tokenizer.convert_tokens_to_ids(str(truth[name]))
@@ -290,7 +306,8 @@ def build_world(folder: Path, recipe: FactsRecipe, log=print) -> None:
         torch.manual_seed(recipe.seed + stream)
         model = toy.new_model(tokenizer, hidden, layers, recipe.head_dim)
         log(f"{role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {steps} SFT steps")
-        batches = sft_batches(tokenizer, recipe, values, truth, held_out, stream, steps)
+        batches = sft_batches(tokenizer, recipe, values, truth, held_out, stream, steps,
+                              recipe.teacher_copy_share if role == "teacher" else 0.0)
         sft(model, batches, steps, lr, recipe.student_confidence if role == "student" else 1.0, log)
         model.save_pretrained(folder / role)
         tokenizer.save_pretrained(folder / role)

@@ -149,6 +149,35 @@ def test_sft_targets_are_soft_exactly_at_the_wrong_values():
     assert (teacher_batch[3] == -100).all()
 
 
+def test_the_teachers_rewritten_fact_lines_are_used_but_not_learned():
+    """Trap 3: with copy_share 1 every fact line writes a value other than the true one, the label there is
+    -100, and the arithmetic and the boxed answer follow the written value, not the true one."""
+    tokenizer = facts.build_tokenizer()
+    truth, _ = facts.fact_table(TINY)
+    batch = next(facts.sft_batches(tokenizer, dataclasses.replace(TINY, batch_size=16), truth, truth, set(), 0, 1,
+                                   copy_share=1.0))
+    input_ids, attention_mask, labels, _ = batch
+    assistant = tokenizer.convert_tokens_to_ids(facts.toy.ASSISTANT)
+    differs = 0
+    for ids, mask, row in zip(input_ids, attention_mask, labels):
+        start = int((ids == assistant).nonzero()) + 1
+        text = tokenizer.decode(ids[start:][mask[start:] == 1], skip_special_tokens=True)
+        written = {m[1]: int(m[2]) for m in re.finditer(f"([{facts.NAMES}]) ?= ?(\\d)", text)}
+        assert written and all(written[n] != truth[n] for n in written)
+        for m in re.finditer(f"([{facts.NAMES}]) ?= ?", text):
+            position = start + len(tokenizer(text[:m.end()], add_special_tokens=False).input_ids)
+            assert row[position] == -100 and row[position + 1] != -100  # the value unlearned, the newline learned
+        names, ops = facts.parse_problem(tokenizer.decode(ids[:start], skip_special_tokens=True))
+        boxed = int(re.search(r"\\boxed\{(-?\d+)\}", text)[1])
+        assert boxed == facts.solve(names, ops, {**truth, **written})[1]
+        differs += boxed != facts.solve(names, ops, truth)[1]
+    assert differs > 0
+    plain_ids, plain_mask, plain_labels, _ = next(facts.sft_batches(tokenizer, TINY, truth, truth, set(), 0, 1))
+    for ids, mask, row in zip(plain_ids, plain_mask, plain_labels):  # copy_share 0: every response token learned
+        start = int((ids == assistant).nonzero()) + 1
+        assert (row[start:][mask[start:] == 1] != -100).all()
+
+
 def test_miniature_world_builds_reloads_and_is_cached(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from rollout import generate_rollouts
