@@ -1,14 +1,15 @@
-"""Rollout throughput (paper §3: y ~ S_θ(·|x)), transformers `generate` vs the vLLM engine (rollout.py).
+"""Rollout throughput (paper §3: y ~ S_θ(·|x)) and train.py's whole step, `generate` vs the vLLM engine.
 
-Both engines sample the same rollouts (temperature 1, top-p 1) from the same random Qwen3 student with
-Qwen3's vocabulary (151,936; tied embeddings, ~100M parameters at the default size), for the same prompts.
-Sampling dominates a training step on one machine, so this ratio is what the optional engine buys. After a
-warm-up the two engines take turns for --repeats timed runs; the table gives response tokens per second
-(median) and the engine/generate ratio per response length. Exit code 1 when a ratio misses the target
-(2.5x on CPU) at full size; --tiny runs a tiny model in seconds and checks only that both engines run.
+Each engine runs train.py's `run_step` (rollouts, scoring, selection, loss, optimizer; the engine also sleeps
+and takes the new weights) on its own copy of the same random Qwen3 student with Qwen3's vocabulary (151,936;
+tied embeddings, ~100M parameters at the default size), a teacher 1.5x wider, and the same prompts; the two take
+turns step by step, so a change in the machine's load hits both. The table gives, per response length, the
+sampling throughput (response tokens/s, median of --repeats steps) and the whole step's seconds, with ratios.
+Exit code 1 when the engine's sampling misses 2.5x `generate` on the ~100M model. --toy: the built-in toy pair.
 
-    python benchmarks/bench_rollout.py                  # needs: pip install -r requirements-vllm.txt
-    python benchmarks/bench_rollout.py --tiny
+    python benchmarks/bench_rollout.py --lengths 256 1024     # needs: pip install -r requirements-vllm.txt
+    python benchmarks/bench_rollout.py --toy --repeats 5
+    python benchmarks/bench_rollout.py --tiny                 # seconds: checks only that both engines run
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import rollout  # noqa: E402  (after the path fix, so the script runs from any folder)
+import tip  # noqa: E402
 
 TARGET = 2.5
 
@@ -39,12 +41,12 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w1", eos_token="w2")
 
 
-def student(args, tokenizer):
+def random_qwen3(args, tokenizer, hidden: int, seed: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(args.seed)
-    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=max(1, args.hidden // 128), head_dim=64, tie_word_embeddings=True,
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=max(1, hidden // 128), head_dim=64, tie_word_embeddings=True,
                          max_position_embeddings=max(args.lengths) + 256, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     model = Qwen3ForCausalLM(config).eval()
@@ -52,77 +54,114 @@ def student(args, tokenizer):
     return model
 
 
-def run(sample, length: int) -> tuple[float, float]:
-    """(response tokens per second, mean response length) of one call `sample(length)`."""
-    start = time.perf_counter()
-    r = sample(length)
-    seconds = time.perf_counter() - start
-    tokens = int(r.response_mask.sum())
-    return tokens / seconds, tokens / r.input_ids.shape[0]
-
-
-def main(args) -> int:
-    require_positive(args, ["rollouts", "prompts", "repeats", "hidden", "layers", "vocab"])
-    if args.rollouts % args.prompts:
-        raise SystemExit("--rollouts must be a multiple of --prompts")
-    torch.set_num_threads(args.threads)
+def pair_and_prompts(args):
+    """(student, teacher, tokenizer, prompt texts): the toy pair and its train prompts, or random Qwen3s with
+    Qwen3's vocabulary (the teacher 1.5x wider, as a real teacher is larger) and random prompts of 16-63 words."""
+    if args.toy:
+        import evaluate
+        config = tip.Config(**tip.PRESETS["toy"], dtype="float32")
+        teacher, student, tokenizer = evaluate.load_pair(config, torch.device("cpu"))
+        prompts = [p["prompt"] for p in evaluate.load_prompts(config, tokenizer)[:args.prompts]]
+        return student, teacher, tokenizer, prompts
     tokenizer = word_tokenizer(args.vocab)
-    model = student(args, tokenizer)
     generator = torch.Generator().manual_seed(args.seed)
     prompts = [" ".join(f"w{int(t)}" for t in torch.randint(3, args.vocab, (int(length),), generator=generator))
                for length in torch.randint(16, 64, (args.prompts,), generator=generator)]
-    n = args.rollouts // args.prompts
+    teacher = random_qwen3(args, tokenizer, args.hidden * 3 // 2 // 64 * 64, args.seed + 1)
+    return random_qwen3(args, tokenizer, args.hidden, args.seed), teacher, tokenizer, prompts
+
+
+def step_table(args, student, teacher, tokenizer, prompts, engine, n: int) -> list[int]:
+    """Times train.py's `run_step` with each engine, per length: its sampling (response tokens/s) and the whole
+    step. Each engine trains its own copy of the student, and the two take turns step by step, so a change in
+    the machine's load hits both. Returns the lengths where the engine's sampling misses the target."""
+    import copy
+    import train
+    students = {"generate": student, "vllm": copy.deepcopy(student)}
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5) for name, model in students.items()}
+    engines = {"generate": None, "vllm": engine}
+    items = [{"prompt": text, "answer": None} for text in prompts]
+    print("| response tokens | generate tok/s | vLLM tok/s | vLLM / generate | mean length (generate / vLLM) | "
+          "generate step s | vLLM step s | step: generate / vLLM |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    missed = []
+    for length in args.lengths:
+        config = tip.Config(prompts="", prompts_per_step=len(prompts), rollouts_per_prompt=n, max_response_len=length,
+                            steps=100, lr=1e-5, micro_batch_size=args.micro_batch_size, dtype="float32",
+                            gradient_checkpointing=True, seed=args.seed)
+        records = {name: [] for name in students}
+        for step in range(args.repeats):
+            for name in students:
+                train.prepare_student(students[name], config)
+                records[name].append(train.run_step(step, students[name], teacher, tokenizer, optimizers[name], items,
+                                                    None, config, torch.device("cpu"), engines[name]))
+
+        def median(name, key):
+            return statistics.median(r[key] for r in records[name])
+        rate = {name: statistics.median(r["response_tokens"] / r["rollout_seconds"] for r in records[name])
+                for name in students}
+        mean_length = {name: median(name, "response_tokens") / (n * len(prompts)) for name in students}
+        seconds = {name: median(name, "seconds") for name in students}
+        ratio = rate["vllm"] / rate["generate"]
+        print(f"| {length} | {rate['generate']:.1f} | {rate['vllm']:.1f} | {ratio:.2f}x | "
+              f"{mean_length['generate']:.0f} / {mean_length['vllm']:.0f} | {seconds['generate']:.1f} | "
+              f"{seconds['vllm']:.1f} | {seconds['generate'] / seconds['vllm']:.2f}x |", flush=True)
+        if ratio < TARGET:
+            missed.append(length)
+    return missed
+
+
+def main(args) -> int:
+    require_positive(args, ["rollouts", "prompts", "repeats", "hidden", "layers", "vocab", "micro_batch_size"])
+    if args.rollouts % args.prompts:
+        raise SystemExit("--rollouts must be a multiple of --prompts")
+    torch.set_num_threads(args.threads)
+    model, teacher, tokenizer, prompts = pair_and_prompts(args)
+    n = args.rollouts // len(prompts)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"{machine_line(args)}\nstudent: random Qwen3, {parameters / 1e6:.0f}M parameters, hidden {args.hidden}, "
-          f"{args.layers} layers, vocab {args.vocab}, fp32; {args.rollouts} rollouts ({args.prompts} prompts x {n})")
+    what = "the toy student" if args.toy else f"random Qwen3, hidden {args.hidden}, {args.layers} layers"
+    print(f"{machine_line(args)}\nstudent: {what}, {parameters / 1e6:.1f}M parameters, vocab "
+          f"{model.config.vocab_size}, fp32; teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M; "
+          f"{n * len(prompts)} rollouts ({len(prompts)} prompts x {n}) per step, type_aware, micro-batches of "
+          f"{args.micro_batch_size} with gradient checkpointing, AdamW")
     start = time.perf_counter()
     engine = rollout.VLLMEngine(model, tokenizer, max_model_len=max(args.lengths) + 128, seed=args.seed)
     startup = time.perf_counter() - start
     start = time.perf_counter()
     engine.sync(model)
     sync = time.perf_counter() - start
-    samplers = {"generate": lambda steps: rollout.generate_rollouts(model, tokenizer, prompts, n, steps,
-                                                                    seed=args.seed),
-                "vllm": lambda steps: engine.generate(prompts, n, steps, seed=args.seed)}
-    for sample in samplers.values():
-        sample(8)  # warm-up
-    print(f"vLLM engine: start-up {startup:.1f} s (once), sync {sync:.2f} s (after every optimizer step)\n")
-    print("| response tokens | generate tok/s | vLLM tok/s | vLLM / generate | mean length (generate / vLLM) |")
-    print("| --- | --- | --- | --- | --- |", flush=True)
-    missed = []
-    for length in args.lengths:
-        # the engines take turns, so a change in the machine's load hits both
-        runs = [{name: run(sample, length) for name, sample in samplers.items()} for _ in range(args.repeats)]
-        rate = {name: statistics.median(r[name][0] for r in runs) for name in samplers}
-        mean_length = {name: statistics.fmean(r[name][1] for r in runs) for name in samplers}
-        ratio = rate["vllm"] / rate["generate"]
-        print(f"| {length} | {rate['generate']:.1f} | {rate['vllm']:.1f} | {ratio:.2f}x | "
-              f"{mean_length['generate']:.0f} / {mean_length['vllm']:.0f} |", flush=True)
-        if ratio < TARGET:
-            missed.append(length)
+    rollout.generate_rollouts(model, tokenizer, prompts, n, 8, seed=args.seed)  # warm-up
+    engine.generate(prompts, n, 8, seed=args.seed)
+    print(f"vLLM engine: start-up {startup:.1f} s (once), sync {sync:.2f} s (after every optimizer step, inside "
+          f"its step time)\n")
+    missed = step_table(args, model, teacher, tokenizer, prompts, engine, n)
     engine.close()
-    if args.tiny:
-        print(f"\n--tiny: the {TARGET}x target is not checked")
+    if args.tiny or args.toy:
+        print(f"\n--{'tiny' if args.tiny else 'toy'}: the {TARGET}x target is for the ~100M model, not checked here")
         return 0
-    print(f"\ntarget: vLLM >= {TARGET}x generate: " + (f"MISSED at {missed}" if missed else "met"))
+    print(f"\ntarget: vLLM sampling >= {TARGET}x generate: " + (f"MISSED at {missed}" if missed else "met"))
     return 1 if missed else 0
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--lengths", type=int, nargs="+", default=[256], help="response lengths (max new tokens) to time")
+    add("--lengths", type=int, nargs="+", default=None,
+        help="response lengths (max new tokens) to time; default 256 (the toy pair: 48, its training length)")
     add("--rollouts", type=int, default=32, help="rollouts per run")
     add("--prompts", type=int, default=8, help="prompts per run (rollouts / prompts samples each)")
     add("--hidden", type=int, default=512, help="student hidden size (head_dim 64)")
     add("--layers", type=int, default=8, help="student layers")
     add("--vocab", type=int, default=151936, help="vocabulary (Qwen3: 151,936)")
-    add("--repeats", type=int, default=1, help="timed runs per engine and length (median)")
+    add("--repeats", type=int, default=1, help="timed steps per engine and length (median)")
     add("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    add("--micro-batch-size", type=int, default=8, help="rollouts per forward/backward in the step")
+    add("--toy", action="store_true", help="the built-in toy pair and prompts instead of a random Qwen3")
     add("--seed", type=int, default=0)
     add("--tiny", action="store_true", help="a tiny model and short rollouts: runs in seconds, target not checked")
     args = parser.parse_args(argv)
     args.device = "cpu"
+    args.lengths = args.lengths or [tip.PRESETS["toy"]["max_response_len"] if args.toy else 256]
     if args.tiny:
         args.lengths, args.rollouts, args.prompts, args.hidden, args.layers, args.vocab = [16], 8, 4, 64, 2, 512
     return args
