@@ -1,4 +1,4 @@
-"""The toy world (toy.py): task, splits, tokenizer, cache, a miniature build, and the measurement pieces."""
+"""The toy world (toy.py): task, splits, tokenizer, cache, a miniature build; its measurement (benchmarks/toy_world.py)."""
 import dataclasses
 import json
 import random
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import toy
+import toy_world
 
 TINY = toy.ToyRecipe(train_problems=20, test_problems=6, trigger_problems=6, batch_size=4, head_dim=8,
                      teacher_hidden=16, teacher_layers=1, teacher_steps=2, student_hidden=8, student_layers=1,
@@ -137,9 +138,9 @@ def test_rank_correlation_matches_the_plain_formula():
     y = x + torch.randn(300, generator=generator)
     rank = lambda v: torch.tensor([sorted(v.tolist()).index(value) for value in v.tolist()], dtype=torch.float64)
     expected = torch.corrcoef(torch.stack([rank(x), rank(y)]))[0, 1]
-    assert toy.rank_correlation(x, y) == pytest.approx(float(expected), abs=1e-12)
-    assert toy.rank_correlation(x, x.exp()) == pytest.approx(1.0)
-    assert toy.rank_correlation(x, -x) == pytest.approx(-1.0)
+    assert toy_world.rank_correlation(x, y) == pytest.approx(float(expected), abs=1e-12)
+    assert toy_world.rank_correlation(x, x.exp()) == pytest.approx(1.0)
+    assert toy_world.rank_correlation(x, -x) == pytest.approx(-1.0)
 
 
 def test_miniature_world_builds_reloads_samples_and_is_cached(tmp_path, monkeypatch):
@@ -201,7 +202,7 @@ def test_a_failed_build_leaves_no_half_world(tmp_path, monkeypatch):
 
 def test_measure_and_the_command_line_on_a_miniature_world(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(toy, "DEFAULT_RECIPE", TINY)
-    toy.main(["--cache-dir", str(tmp_path)])
+    toy_world.main(["--cache-dir", str(tmp_path)])
     report = json.loads((toy.world_path(tmp_path, TINY) / "report.json").read_text())
     for name in ("teacher_test_greedy", "teacher_test_t1", "teacher_trigger_greedy", "teacher_trigger_t1",
                  "student_test_t1", "student_trigger_t1"):
@@ -211,5 +212,5 @@ def test_measure_and_the_command_line_on_a_miniature_world(tmp_path, monkeypatch
     assert sum(q["token_share"] for q in report["quadrants"].values()) == pytest.approx(1.0, abs=5e-4)
     assert sum(q["kl_mass_share"] for q in report["quadrants"].values()) == pytest.approx(1.0, abs=5e-4)
     assert -1 <= report["rank_correlation_entropy_kl"] <= 1
-    assert set(report["targets_met"]) == set(toy.TARGETS)
+    assert set(report["targets_met"]) == set(toy_world.TARGETS)
     assert "student_test_t1" in capsys.readouterr().out
