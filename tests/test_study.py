@@ -1,0 +1,68 @@
+"""The study's machinery (benchmarks/study.py) on a miniature toy world: two settings x one seed x two steps,
+in run processes and in-process; its table, JSON, plot and resuming. Not the accuracies."""
+import json
+import shutil
+
+import pytest
+
+import study
+import toy
+
+TINY = toy.ToyRecipe(train_problems=20, test_problems=6, trigger_problems=6, batch_size=4, head_dim=8,
+                     teacher_hidden=16, teacher_layers=1, teacher_steps=2, student_hidden=8, student_layers=1,
+                     student_steps=2)
+
+
+def test_settings_parse_and_bad_ones_are_refused(tmp_path):
+    assert study.parse_setting("q3:0.1") == study.Setting("q3", 0.1)
+    assert study.parse_setting("all:1:jsd") == study.Setting("all", 1.0, "jsd")
+    assert study.parse_setting("all:1:reverse_kl:excluded").exclude_mistakes
+    for bad in ("q3", "q3:0.1:jsd:x", "q3:a"):
+        with pytest.raises((SystemExit, ValueError)):
+            study.parse(["--settings", bad])
+    with pytest.raises(SystemExit, match="no_such_rule"):
+        study.main(["--settings", "no_such_rule:0.5", "--out", str(tmp_path)])
+
+
+def test_tracking_windows_weight_quadrants_by_mistake_tokens():
+    rows = [dict(skipped="", kept_fraction=0.5, reward=1.0, mistake_tokens=3, mistake_kept=3,
+                 **{f"mistake_q{q}_share": float(q == 3) for q in range(1, 5)}),
+            dict(skipped="", kept_fraction=0.3, reward=0.0, mistake_tokens=1, mistake_kept=0,
+                 **{f"mistake_q{q}_share": float(q == 1) for q in range(1, 5)}),
+            dict(skipped="no response tokens", kept_fraction=0.0, reward=None)]
+    first, second = study.tracked(rows, 2)
+    assert first["steps"] == [1, 2] and first["mistake_kept_share"] == 0.75
+    assert first["mistake_q3_share"] == 0.75 and first["mistake_q1_share"] == 0.25
+    assert first["kept_fraction"] == pytest.approx(0.4) and first["mistake_tokens_per_step"] == 2
+    assert second["steps"] == [3, 3] and second["kept_fraction"] is None  # a skipped step is no data
+
+
+def test_the_study_runs_writes_its_outputs_and_resumes(tmp_path, monkeypatch):
+    cache, out, work = tmp_path / "cache", tmp_path / "out", tmp_path / "work"
+    # the run processes build the default recipe's world: give them the miniature world under its name
+    shutil.copytree(toy.toy_world(cache, TINY, log=lambda m: None), toy.world_path(cache, toy.ToyRecipe()))
+    common = ["--world", "toy", "--world-dir", str(cache), "--settings", "all:1", "q3:0.5:jsd", "--seeds", "1",
+              "--steps", "2", "--samples", "1", "--track-every", "1", "--out", str(out), "--work-dir", str(work)]
+    assert study.main(common + ["--jobs", "2", "--threads", "1"]) == 0
+    result = json.loads((out / "study.json").read_text())
+    assert [row["name"] for row in result["rows"]] == ["all-1-reverse_kl", "q3-0.5-jsd"]
+    for run in result["runs"]:
+        assert run["steps"] == 2 and len(run["track"]) == 2 and set(run["accuracy"]) == {"test", "trigger"}
+        assert 0 < run["kept_fraction"] <= 1 and run["held_out_reverse_kl"] >= 0 and run["peak_memory_gb"] > 0
+    all_run = next(r for r in result["runs"] if r["setting"]["rule"] == "all")
+    assert all_run["kept_fraction"] == 1.0  # `all` keeps every response token
+    table = (out / "study.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| all | 1 | reverse_kl | 1 |")
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any(work.iterdir())  # a complete run leaves its result, not its training folder
+
+    # resume: a complete run is not run again; a missing one is, and its half-written folder is replaced
+    kept = out / "runs" / "all-1-reverse_kl-s0.json"
+    before = kept.stat().st_mtime_ns
+    (out / "runs" / "q3-0.5-jsd-s0.json").unlink()
+    (work / "q3-0.5-jsd-s0").mkdir()
+    (work / "q3-0.5-jsd-s0" / "metrics.jsonl").write_text("half a run\n")
+    monkeypatch.setattr(toy, "DEFAULT_RECIPE", TINY)
+    assert study.main(common + ["--in-process"]) == 0
+    assert kept.stat().st_mtime_ns == before and (out / "runs" / "q3-0.5-jsd-s0.json").exists()
+    assert len(json.loads((out / "study.json").read_text())["runs"]) == 2 and not any(work.iterdir())
