@@ -1,23 +1,17 @@
-"""The facts world measured (paper §4, Prop. 2): the pair, its taxonomy, the exclusion control and the rules.
+"""The facts world measured (paper §4, Prop. 2): the pair's accuracies, its taxonomy and the wrong-fact tokens.
 
-    python benchmarks/facts_world.py measure                       # accuracies and taxonomy of the built world
-    python benchmarks/facts_world.py train --rule all --exclude-mistakes --seed 0   # 300 toy-preset steps, then
-    python benchmarks/facts_world.py train --rule entropy_top --ratio 0.2 --seed 1  #   the trained student measured
-    python benchmarks/facts_world.py table                         # every trained run, one row per rule
+    python benchmarks/facts_world.py --threads 1     # builds the world first when it is not cached
 
-`measure` writes benchmarks/results/facts_measure.json; each `train` runs `python train.py --prompts facts …`
-(runs under runs/facts/), measures its final student and writes benchmarks/results/facts_runs/<run>.json;
-`table` gathers those into benchmarks/results/facts_rules.json. A wrong-fact token is one that
-facts.facts_mistake_positions marks: the value the student writes for a fact it learned wrong.
+Writes benchmarks/results/facts_measure.json. A wrong-fact token is one that facts.facts_mistake_positions
+marks: the value the student writes for a fact it learned wrong. The exclusion control and the rules are
+benchmarks/study.py --world facts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,7 +59,7 @@ def taxonomy(student, teacher, tokenizer, problems: list[dict], samples: int, se
     quadrant = tip.load_select().quadrants(h, stats.reverse_kl, torch.ones_like(h, dtype=torch.bool))
     sampled = rollouts.input_ids[:, 1:][scored]
     mistake = evaluate.world_mistake_mask("facts", tokenizer, rollouts, prompts)[:, 1:][scored]
-    kl, truth = stats.reverse_kl.double(), facts.fact_table()[0]
+    kl = stats.reverse_kl.double()
     report = {"rollouts": len(rollouts.texts), "tokens": int(h.numel()), "median_h": round(float(h.median()), 5),
               "median_reverse_kl": round(float(stats.reverse_kl.median()), 5), "quadrants": {
                   f"Q{q}": {"token_share": round(float((quadrant == q).double().mean()), 4),
@@ -166,112 +160,14 @@ def print_measure(report: dict) -> None:
     print("beliefs (teacher-forced): " + json.dumps(report["beliefs"]))
 
 
-# ---------------------------------------------------------------- training runs
-
-def run_name(rule: str, ratio: float | None, seed: int, exclude: bool, steps: int) -> str:
-    return f"{rule}{'' if ratio is None else f'-{ratio:g}'}{'-excl' if exclude else ''}-s{seed}" + \
-        ("" if steps == 300 else f"-{steps}steps")
-
-
-def kept_shares(metrics_path: Path) -> dict:
-    """Over all steps of a run: the share of the wrong-fact tokens the rule kept, and of all tokens."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    mistakes = sum(r.get("mistake_tokens", 0) for r in rows)
-    out = {"steps": len(rows), "mistake_tokens": mistakes, "kept_fraction": round(statistics.mean(
-        r["kept_fraction"] for r in rows), 4)}
-    if mistakes:
-        out["mistake_kept_share"] = round(sum(r.get("mistake_kept", 0) for r in rows) / mistakes, 4)
-        for part, rs in (("first_50", rows[:50]), ("last_50", rows[-50:])):
-            count = sum(r.get("mistake_tokens", 0) for r in rs)
-            out[f"mistake_kept_share_{part}"] = round(sum(r.get("mistake_kept", 0) for r in rs) / max(count, 1), 4)
-        out["mistake_tokens_per_step_first_last_50"] = [round(sum(r.get("mistake_tokens", 0) for r in rs) / len(rs), 2)
-                                                        for rs in (rows[:50], rows[-50:])]
-    return out
-
-
-def cmd_train(args) -> None:
-    name = run_name(args.rule, args.ratio, args.seed, args.exclude_mistakes, args.steps)
-    out_dir = ROOT / "runs" / "facts"
-    command = [sys.executable, str(ROOT / "train.py"), "--prompts", "facts", "--rule", args.rule, "--seed",
-               str(args.seed), "--steps", str(args.steps), "--out-dir", str(out_dir), "--run-name", name,
-               "--save-every", "0"]
-    command += ["--ratio", str(args.ratio)] if args.ratio is not None else []
-    command += ["--exclude-mistakes"] if args.exclude_mistakes else []
-    if args.teacher or args.student:  # a pair other than the world's folders (the toy preset all the same)
-        command += ["--preset", "toy", "--teacher", args.teacher, "--student", args.student]
-    run_dir = out_dir / name
-    start = time.time()
-    if not (run_dir / "final").exists():
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        print(" ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT, env=env)
-    train_seconds = time.time() - start
-    world = facts.facts_world()
-    report = {"run": name, "rule": args.rule, "ratio": args.ratio, "seed": args.seed, "steps": args.steps,
-              "exclude_mistakes": args.exclude_mistakes,
-              "pair": [args.teacher or "world teacher", args.student or "world student"], "command": " ".join(command[1:]),
-              "train_seconds": round(train_seconds, 1), **kept_shares(run_dir / "metrics.jsonl"),
-              **measure_student(run_dir / "final", world, args.samples, args.seed)}
-    RESULTS.joinpath("facts_runs").mkdir(parents=True, exist_ok=True)
-    evaluate.write_json(RESULTS / "facts_runs" / f"{name}.json", report)
-    tax = report["taxonomy_test"]["wrong_fact_tokens"]
-    print(json.dumps({k: report.get(k) for k in ("run", "student_trigger_t1", "student_clean_t1", "student_test_t1",
-                                                   "mistake_kept_share")}))
-    print("wrong-fact tokens after: " + json.dumps(tax))
-    print("beliefs after: " + json.dumps(report["beliefs"]))
-
-
-def cmd_table(args) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / "facts_runs").glob("*.json"))]
-    groups: dict[str, list[dict]] = {}
-    for run in runs:
-        key = run["run"].rsplit("-s", 1)[0]
-        groups.setdefault(key, []).append(run)
-    start = json.loads((RESULTS / "facts_measure.json").read_text()) if (RESULTS / "facts_measure.json").exists() else None
-
-    def cell(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        return f"{100 * statistics.mean(values):.1f}" + (f"±{100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
-    columns = [("trigger acc %", lambda r: r["student_trigger_t1"]), ("clean acc %", lambda r: r["student_clean_t1"]),
-               ("test acc %", lambda r: r["student_test_t1"]),
-               ("wrong-fact kept %", lambda r: r.get("mistake_kept_share")),
-               ("fact error %", lambda r: r["taxonomy_test"]["wrong_fact_tokens"].get("error_rate")),
-               ("p(true) %", lambda r: r["beliefs"]["mean_student_p_true"]),
-               ("below med h %", lambda r: r["taxonomy_test"]["wrong_fact_tokens"].get("below_median_h"))]
-    rows = []
-    if start:
-        rows.append(["(before training)", "-"] + [cell([f(start)]) if name != "wrong-fact kept %" else "-"
-                                                  for name, f in columns])
-    for key, group in sorted(groups.items()):
-        rows.append([key, str(len(group))] + [cell([f(r) for r in group]) for _, f in columns])
-    head = ["run", "seeds"] + [name for name, _ in columns]
-    lines = ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head)] + rows]
-    print("\n".join(lines))
-    evaluate.write_json(RESULTS / "facts_rules.json", {"table": lines, "runs": {k: [r["run"] for r in g]
-                                                                                for k, g in groups.items()}})
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (this script and train.py)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    measure = sub.add_parser("measure", help="accuracies and taxonomy of the built pair")
-    train = sub.add_parser("train", help="train.py --prompts facts with one rule, then measure its student")
-    sub.add_parser("table", help="gather the trained runs")
-    for p in (measure, train):
-        p.add_argument("--samples", type=int, default=4, help="samples per held-out problem at T=1")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed (train: also train.py's seed)")
-    train.add_argument("--rule", required=True)
-    train.add_argument("--ratio", type=float, default=None)
-    train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--exclude-mistakes", action="store_true")
-    train.add_argument("--teacher", default="", help="teacher folder (default: the world's)")
-    train.add_argument("--student", default="", help="student folder to start from (default: the world's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--samples", type=int, default=4, help="samples per held-out problem at T=1")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"measure": cmd_measure, "train": cmd_train, "table": cmd_table}[args.command](args)
+    cmd_measure(args)
 
 
 if __name__ == "__main__":
