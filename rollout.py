@@ -18,10 +18,13 @@ and receives the student's weights after every optimizer step (`sync`), so its s
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
+import re
 import tempfile
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import numpy
 import torch
@@ -38,6 +41,7 @@ class Rollouts(NamedTuple):
     prompt_lengths: torch.Tensor  # [B] real prompt tokens per row
     prompt_index: torch.Tensor    # [B] row b came from prompts[prompt_index[b]]; prompt-major, b = i * n + j
     texts: list[str]              # decoded responses, special tokens skipped
+    conversations: list[list[dict]] | None = None  # multi-turn rows: the messages, tool results included
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -62,24 +66,30 @@ def left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch
 
 
 def to_rollouts(tokenizer, encoded: list[list[int]], responses: list[list[int]], n: int, eos: list[int], pad: int,
-                device) -> Rollouts:
+                device, sampled: list[list[bool]] | None = None, conversations: list[list[dict]] | None = None
+                ) -> Rollouts:
     """The layout above from token lists, for every engine: `encoded` holds the P prompts, `responses` the
     P * n sampled continuations, prompt-major (row i * n + j is sample j of prompt i). A row ends at its first
-    EOS, which the mask keeps; whatever an engine emitted after it is dropped."""
-    responses = [r[:next((t + 1 for t, token in enumerate(r) if token in eos), len(r))] for r in responses]
+    EOS, which the mask keeps; whatever an engine emitted after it is dropped. A conversation's continuation
+    (`sampled` given) is kept whole, and the mask is `sampled`: its tool results are context, not samples."""
+    if sampled is None:
+        responses = [r[:next((t + 1 for t, token in enumerate(r) if token in eos), len(r))] for r in responses]
+        sampled = [[True] * len(r) for r in responses]
     prompt_ids, prompt_mask = (t.repeat_interleave(n, 0) for t in left_padded(encoded, pad))
     response_ids = torch.full((len(responses), max(map(len, responses))), pad, dtype=torch.long)
-    sampled = torch.zeros(response_ids.shape, dtype=torch.bool)
-    for b, tokens in enumerate(responses):
+    real, response_mask = torch.zeros(response_ids.shape, dtype=torch.bool), torch.zeros(response_ids.shape, dtype=torch.bool)
+    for b, (tokens, flags) in enumerate(zip(responses, sampled)):
         response_ids[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        sampled[b, :len(tokens)] = True
+        real[b, :len(tokens)] = True
+        response_mask[b, :len(tokens)] = torch.tensor(flags, dtype=torch.bool)
     return Rollouts(
         input_ids=torch.cat([prompt_ids, response_ids], 1).to(device),
-        attention_mask=torch.cat([prompt_mask, sampled.long()], 1).to(device),
-        response_mask=torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), sampled], 1).to(device),
+        attention_mask=torch.cat([prompt_mask, real.long()], 1).to(device),
+        response_mask=torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), response_mask], 1).to(device),
         prompt_lengths=prompt_mask.sum(1).to(device),
         prompt_index=torch.arange(len(encoded), device=device).repeat_interleave(n),
         texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
+        conversations=conversations,
     )
 
 
@@ -102,6 +112,18 @@ def generate_rollouts(model, tokenizer, prompts: list[str], n: int, max_new_toke
     checkpointing or not) samples in eval mode with the cache and is put back in training mode.
     """
     encoded = _encode(tokenizer, prompts, n, max_new_tokens)
+    responses = sample_tokens(model, tokenizer, encoded, n, max_new_tokens, temperature, top_p, seed, batch_size,
+                              show_progress)
+    inner = tip.unwrap(model)
+    eos = eos_token_ids(inner, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return to_rollouts(tokenizer, encoded, responses, n, eos, pad, next(inner.parameters()).device)
+
+
+def sample_tokens(model, tokenizer, encoded: list[list[int]], n: int, max_new_tokens: int, temperature=1.0,
+                  top_p=1.0, seed=None, batch_size=None, show_progress=False) -> list[list[int]]:
+    """`generate_rollouts`' sampling from token lists: n continuations per context, prompt-major. Rows may
+    continue past their first EOS (generate pads finished rows, and pad may be EOS itself)."""
     inner = tip.unwrap(model)
     device = next(inner.parameters()).device
     eos = eos_token_ids(inner, tokenizer)
@@ -138,8 +160,130 @@ def generate_rollouts(model, tokenizer, prompts: list[str], n: int, max_new_toke
         inner.generation_config = model_generation_config
         inner.train(was_training)
         bar.close()
-    # rows may continue past their first EOS (generate pads finished rows, and pad may be EOS itself)
-    return to_rollouts(tokenizer, encoded, [row for r in responses for row in r.tolist()], n, eos, pad, device)
+    return [row for r in responses for row in r.tolist()]
+
+
+
+
+# ---------------------------------------------------------------- conversations with tools (§7, agentic)
+
+@dataclass
+class Task:
+    """One conversation to sample: its opening messages, the tools the student may call (plain typed Python
+    functions with Google-style docstrings; transformers derives their JSON schemas for the chat template)
+    and the reward of the finished conversation (for logging and evaluation: distillation needs none)."""
+    messages: list[dict]
+    tools: list[Callable] = field(default_factory=list)
+    reward: Callable[[list[dict]], float] | None = None
+
+
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> list[dict | str]:
+    """The calls of an assistant turn in Qwen3's format, `<tool_call>{"name": …, "arguments": {…}}</tool_call>`:
+    each {"name", "arguments"}, or, for a call that cannot be read, the error message the student will see."""
+    calls: list[dict | str] = []
+    for body in TOOL_CALL.findall(text):
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError as error:
+            calls.append(f"Error: the tool call is not valid JSON ({error.msg}): {body.strip()[:200]}")
+            continue
+        arguments = call.get("arguments", {}) if isinstance(call, dict) else None
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                arguments = None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
+            calls.append('Error: a tool call is {"name": <string>, "arguments": <object>}')
+        else:
+            calls.append({"name": call["name"], "arguments": arguments})
+    if text.count("<tool_call>") > len(calls):
+        calls.append("Error: <tool_call> without its closing </tool_call>")
+    return calls
+
+
+def run_tool_call(call: dict | str, tools: dict[str, Callable]) -> str:
+    """The text of a call's tool message. A wrong call (or a tool that raises) gives an error message the
+    student reads, never a crash."""
+    if isinstance(call, str):
+        return call
+    if call["name"] not in tools:
+        return f"Error: no tool named {call['name']!r}; the tools are: {', '.join(tools)}"
+    try:
+        result = tools[call["name"]](**call["arguments"])
+    except Exception as error:  # noqa: BLE001  (the student's wrong argument, or the tool's own failure)
+        return f"Error: {type(error).__name__}: {error}"
+    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+
+
+def tool_glue(tokenizer, results: list[str], tools: list[Callable], end_of_turn: list[int],
+              switches: dict | None = None) -> str:
+    """The chat template's text between the end-of-turn token of an assistant turn and the next assistant
+    turn: the tool messages and the generation prompt (context for both models, never a training token)."""
+    marker = "\u2063TIP-END-OF-TURN\u2063"  # an assistant message nobody writes, to find where its turn ends
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}]
+    text = tokenizer.apply_chat_template(messages + [{"role": "tool", "content": r} for r in results],
+                                         tools=tools or None, tokenize=False, add_generation_prompt=True,
+                                         **(switches or {}))
+    after = text[text.index(marker) + len(marker):]
+    ends = [t for t in tokenizer.convert_ids_to_tokens(end_of_turn) if after.startswith(t)]
+    if not ends:
+        raise tip.InputError("the chat template does not end an assistant turn with an end-of-turn token right "
+                             "after its content: tool results cannot be spliced into sampled turns")
+    return after[len(ends[0]):]
+
+
+def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_tokens: int, max_turns: int,
+                           temperature=1.0, top_p=1.0, seed=None, switches: dict | None = None,
+                           batch_size=None) -> Rollouts:
+    """n conversations per task (§7): the student samples a turn; each tool call in it is run and its result
+    appended through the chat template; sampling goes on until a turn calls no tool, `max_turns` turns are
+    sampled, or `max_new_tokens` tokens (sampled and tool results together) follow the opening prompt. One row
+    per conversation in `generate_rollouts`' layout; `response_mask` holds exactly the sampled tokens."""
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be at least 1 (got {max_turns})")
+    prompts = [tokenizer.apply_chat_template(t.messages, tools=t.tools or None, tokenize=False,
+                                             add_generation_prompt=True, **(switches or {})) for t in tasks]
+    encoded = _encode(tokenizer, prompts, n, max_new_tokens)
+    inner = tip.unwrap(model)
+    eos = eos_token_ids(inner, tokenizer)
+    rows = len(tasks) * n
+    tokens, sampled = [[] for _ in range(rows)], [[] for _ in range(rows)]
+    conversations = [[dict(m) for m in tasks[b // n].messages] for b in range(rows)]
+    live = list(range(rows))
+    for turn in range(max_turns):
+        room = max(max_new_tokens - len(tokens[b]) for b in live)
+        turns = sample_tokens(model, tokenizer, [encoded[b // n] + tokens[b] for b in live], 1, room, temperature,
+                              top_p, None if seed is None else seed + 7919 * turn, batch_size)
+        still = []
+        for b, new in zip(live, turns):
+            new = new[:max_new_tokens - len(tokens[b])]
+            new = new[:next((t + 1 for t, token in enumerate(new) if token in eos), len(new))]
+            tokens[b] += new
+            sampled[b] += [True] * len(new)
+            ended = bool(new) and new[-1] in eos
+            text = tokenizer.decode(new[:-1] if ended else new)
+            conversations[b].append({"role": "assistant", "content": text})
+            calls = parse_tool_calls(text) if ended else []
+            if not calls or turn == max_turns - 1:
+                continue  # a final answer, the turn limit, or a turn cut by the token limit: done
+            task = tasks[b // n]
+            results = [run_tool_call(call, {tool.__name__: tool for tool in task.tools}) for call in calls]
+            conversations[b] += [{"role": "tool", "content": r} for r in results]
+            glue = tokenizer(tool_glue(tokenizer, results, task.tools, eos, switches), add_special_tokens=False).input_ids
+            if len(tokens[b]) + len(glue) < max_new_tokens:  # room for the results and a sampled token after
+                tokens[b] += glue
+                sampled[b] += [False] * len(glue)
+                still.append(b)
+        live = still
+        if not live:
+            break
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return to_rollouts(tokenizer, encoded, tokens, n, eos, pad, next(inner.parameters()).device, sampled,
+                       conversations)
 
 
 def require_vllm():
