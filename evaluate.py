@@ -140,8 +140,9 @@ def read_local(data: str) -> list[dict]:
 # ---------------------------------------------------------------- the built-in worlds
 
 # Each is a module of its own, `<name>.py`, with `<name>_world(cache_dir) -> folder` (teacher/ and student/,
-# built on first use and cached) and `<name>_problems(split, cache_dir) -> [{"problem", "answer"}]`.
-WORLDS = ("toy", "facts")
+# built on first use and cached) and `<name>_problems(split, cache_dir) -> [{"problem", "answer"}]`; a world
+# whose problems are conversations with tools also has `<name>_task(problem) -> rollout.Task`.
+WORLDS = ("toy", "facts", "agent")
 
 
 def world_folder(name: str, cache_dir: str = "") -> Path:
@@ -179,10 +180,22 @@ def load_pair(config: tip.Config, device):
     return tip.load_pair(teacher, student, device, config.dtype)
 
 
+def world_tasks(name: str, problems: list[dict], tokenizer, switches: dict | None = None) -> dict | None:
+    """{formatted prompt: rollout.Task} of a built-in world whose problems are conversations with tools (its
+    `<name>_task`); None for any other prompt source."""
+    make_task = getattr(importlib.import_module(name), f"{name}_task", None) if name in WORLDS else None
+    if make_task is None:
+        return None
+    return {tip.format_prompt(tokenizer, p["problem"], switches): make_task(p) for p in problems}
+
+
 def load_prompts(config: tip.Config, tokenizer) -> list[dict]:
-    """tip.load_prompts, with a built-in world's train split when --prompts names one."""
+    """tip.load_prompts, with a built-in world's train split when --prompts names one (and, for a world of
+    conversations, each prompt's "task")."""
     problems = world_problems(config.prompts, "train", config.world_dir) if config.prompts in WORLDS else None
-    return tip.load_prompts(config, tokenizer, problems)
+    prompts = tip.load_prompts(config, tokenizer, problems)
+    tasks = world_tasks(config.prompts, problems or [], tokenizer, tip.template_switches(config))
+    return [{**p, "task": tasks[p["prompt"]]} for p in prompts] if tasks else prompts
 
 
 def load_problems(benchmark: str | None, data: str | None = None, world_dir: str = "") -> list[dict]:
@@ -259,13 +272,18 @@ def run_benchmark(problems: list[dict], prompts: list[str], generate, samples: i
 
 
 def model_generator(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                    batch_size: int | None, engine=None):
+                    batch_size: int | None, engine=None, tasks: dict | None = None, max_turns: int = 8,
+                    switches: dict | None = None):
     """`generate(prompts, n)` for run_benchmark: rollouts y ~ S(·|x) (§3), temperature 0 = greedy, seed + call;
-    through `engine` (a rollout.VLLMEngine holding the model's weights) when given, else transformers generate."""
-    from rollout import generate_rollouts
+    through `engine` (a rollout.VLLMEngine holding the model's weights) when given, else transformers generate.
+    With `tasks` ({prompt: rollout.Task}) each prompt is a conversation with tools, and its text is all of it."""
+    from rollout import generate_conversations, generate_rollouts
     calls = iter(range(1 << 62))
 
     def generate(prompts: list[str], n: int) -> list[str]:
+        if tasks is not None:
+            return generate_conversations(model, tokenizer, [tasks[p] for p in prompts], n, max_new_tokens, max_turns,
+                                          temperature, top_p, seed + next(calls), switches, batch_size).texts
         if engine is not None:
             return engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed=seed + next(calls)).texts
         return generate_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p,
@@ -517,8 +535,12 @@ def main(argv: list[str] | None = None) -> None:
             longest = max(map(len, tip.encode_prompts(tokenizer, prompts)))
             engine = rollout.VLLMEngine(model, tokenizer, longest + max_new_tokens, args.gpu_memory_utilization,
                                         args.dtype, args.seed)
+        tasks = world_tasks(args.benchmark, problems, tokenizer, switches) if bare else None
+        if tasks and engine is not None:
+            raise tip.InputError(f"--engine vllm samples single-turn prompts; the {args.benchmark} world's "
+                                 "conversations with tools use --engine hf")
         generate = model_generator(model, tokenizer, max_new_tokens, temperature, args.top_p, args.seed,
-                                   args.batch_size, engine)
+                                   args.batch_size, engine, tasks, switches=switches)
         try:
             summary, results = run_benchmark(problems, prompts, generate, samples, args.batch_size,
                                              args.save_responses)

@@ -127,7 +127,7 @@ def _check(recipe: FactsRecipe) -> None:
                          "solution must fit the toy preset's 48 response tokens)")
 
 
-def _random_problem(rng: random.Random, recipe: FactsRecipe, truth: dict[str, int]) -> tuple[str, str]:
+def random_problem(rng: random.Random, recipe: FactsRecipe, truth: dict[str, int]) -> tuple[str, str]:
     names = "".join(rng.sample(NAMES[:recipe.facts], rng.randint(recipe.min_terms, recipe.max_terms)))
     ops, total = "", truth[names[0]]
     for name in names[1:]:
@@ -146,13 +146,15 @@ def parse_problem(text: str) -> tuple[str, str]:
     return "".join(c for c in text if c in NAMES), "".join(c for c in text if c in "+-")
 
 
-def make_splits(recipe: FactsRecipe | None = None) -> dict[str, list[dict]]:
+def make_splits(recipe: FactsRecipe | None = None, beliefs: dict[str, int] | None = None) -> dict[str, list[dict]]:
     """The held-out splits ("test" a mix, "trigger" each needing a wrong fact whose error changes the answer,
-    "clean" needing none) and the distillation "train" split (a mix): disjoint, from the seed."""
+    "clean" needing none) and the distillation "train" split (a mix): disjoint, from the seed. `beliefs`: the
+    values the student uses (default: the facts it learned)."""
     recipe = recipe or DEFAULT_RECIPE
     _check(recipe)
-    truth, beliefs = fact_table(recipe)
-    wrong = wrong_names(recipe)
+    truth, learned = fact_table(recipe)
+    beliefs = beliefs or learned
+    wrong = {name for name in truth if beliefs[name] != truth[name]}
     rng, seen, splits = random.Random(recipe.seed), set(), {}
     wanted = {"test": lambda names, ops: True, "clean": lambda names, ops: not set(names) & wrong,
               "trigger": lambda names, ops: solve(names, ops, beliefs)[1] != solve(names, ops, truth)[1],
@@ -162,7 +164,7 @@ def make_splits(recipe: FactsRecipe | None = None) -> dict[str, list[dict]]:
         for _ in range(200 * size + 1000):
             if len(splits[name]) == size:
                 break
-            names, ops = _random_problem(rng, recipe, truth)
+            names, ops = random_problem(rng, recipe, truth)
             text = problem_text(names, ops)
             if text not in seen and wanted[name](names, ops):
                 seen.add(text)
@@ -231,7 +233,7 @@ def sft_batches(tokenizer, recipe: FactsRecipe, values: dict[str, int], truth: d
     for _ in range(steps):
         texts, prompt_lengths, rewritten = [], [], []
         while len(texts) < recipe.batch_size:
-            names, ops = _random_problem(rng, recipe, truth)
+            names, ops = random_problem(rng, recipe, truth)
             if problem_text(names, ops) in held_out:
                 continue
             changed = {n: rng.choice([v for v in range(1, 10) if v != values[n]]) for n in names

@@ -52,7 +52,7 @@ class Config:
     # --- the pair and the data (§7.1) ---
     teacher: str = _arg("", "teacher model: local folder or hub id; empty = the built-in toy teacher")
     student: str = _arg("", "student model: local folder or hub id; empty = the built-in toy student")
-    prompts: str = _arg("", "prompt source: a built-in world ('toy', 'facts'), a hub dataset name, or a local "
+    prompts: str = _arg("", "prompt source: a built-in world ('toy', 'facts', 'agent'), a hub dataset name, or a local "
                         ".jsonl/.json/.parquet file (the toy preset uses 'toy'; a real pair needs one)")
     prompt_split: str = _arg("train", "split of a hub prompt set to read (a local file is one split)")
     prompt_subset: str = _arg("", "configuration (subset) of a hub prompt set, e.g. 'en' for "
@@ -78,7 +78,9 @@ class Config:
     prompts_per_step: int = _arg(8, "prompts per optimizer step, over all ranks")
     rollouts_per_prompt: int = _arg(16, "student samples per prompt")
     max_prompt_len: int = _arg(2048, "prompts longer than this many tokens are dropped (and counted)")
-    max_response_len: int = _arg(8192, "maximum generated tokens per rollout")
+    max_response_len: int = _arg(8192, "maximum generated tokens per rollout (a conversation: after its opening "
+                                 "prompt, tool results included)")
+    max_turns: int = _arg(8, "assistant turns per conversation with tools (--prompts agent or deepplanning:PATH)")
     engine: str = _arg("hf", "rollout sampler: hf (transformers generate, runs anywhere) or vllm (vLLM in each "
                        "training process, synced to the student every step; pip install -r requirements-vllm.txt)",
                        ["hf", "vllm"])

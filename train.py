@@ -30,7 +30,7 @@ import evaluate
 import score
 import tip
 import rollout
-from rollout import Rollouts, generate_rollouts
+from rollout import Rollouts, generate_conversations, generate_rollouts
 
 MAX_SKIPPED_IN_A_ROW = 10  # then the run saves a checkpoint and stops: something is wrong beyond one batch
 
@@ -305,8 +305,10 @@ def held_out_problems(config: tip.Config, tokenizer) -> list[dict]:
     if config.prompts not in evaluate.WORLDS or not config.eval_problems:
         return []
     switches = tip.template_switches(config)
-    return [{"prompt": tip.format_prompt(tokenizer, p["problem"], switches), "answer": p["answer"]}
-            for p in evaluate.world_problems(config.prompts, "test", config.world_dir)[:config.eval_problems]]
+    problems = evaluate.world_problems(config.prompts, "test", config.world_dir)[:config.eval_problems]
+    tasks = evaluate.world_tasks(config.prompts, problems, tokenizer, switches) or {}
+    return [{"prompt": prompt, "answer": p["answer"], "task": tasks.get(prompt)}
+            for p, prompt in ((p, tip.format_prompt(tokenizer, p["problem"], switches)) for p in problems)]
 
 
 def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Config, seed: int,
@@ -315,8 +317,10 @@ def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Conf
     mine = problems[tip.rank()::tip.world_size()]
     correct = 0.0
     if mine:
+        tasks = {p["prompt"]: p["task"] for p in mine if p.get("task") is not None} or None
         generate = evaluate.model_generator(student, tokenizer, config.max_response_len, config.temperature,
-                                            config.top_p, seed, None, engine)
+                                            config.top_p, seed, None, None if tasks else engine, tasks,
+                                            config.max_turns, tip.template_switches(config))
         with autocast(next(student.parameters()).device):
             summary, _ = evaluate.run_benchmark(mine, [p["prompt"] for p in mine], generate, config.eval_samples,
                                                 config.micro_batch_size * config.eval_samples, show_progress=False)
@@ -378,6 +382,9 @@ def setup(config: tip.Config, device):
     teacher, student, tokenizer = evaluate.load_pair(config, device)
     prepare_student(student, config)
     prompts = evaluate.load_prompts(config, tokenizer)
+    if config.engine == "vllm" and prompts[0].get("task") is not None:
+        raise tip.InputError(f"--engine vllm samples single-turn prompts; {config.prompts}'s conversations with "
+                             "tools use --engine hf")
     if min(config.prompts_per_step, len(prompts)) * config.rollouts_per_prompt < tip.world_size():
         raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "
                              f"{tip.world_size()} processes a rollout: use more prompts or fewer processes")
@@ -478,7 +485,12 @@ def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problem
     mine = [prompts[i] for i in rollout_share(step, len(prompts), config)]
     seed = config.seed * 1_000_003 + step * tip.world_size() + tip.rank()  # ranks sample differently
     texts = [p["prompt"] for p in mine]
-    if engine is not None:
+    if mine[0].get("task") is not None:  # conversations with tools: only the student's own turns are trained
+        with autocast(device):
+            rollouts = generate_conversations(student, tokenizer, [p["task"] for p in mine], 1, config.max_response_len,
+                                              config.max_turns, config.temperature, config.top_p, seed,
+                                              tip.template_switches(config))
+    elif engine is not None:
         rollouts = engine.generate(texts, 1, config.max_response_len, config.temperature, config.top_p, seed=seed)
         engine.sleep()
     else:
@@ -491,7 +503,8 @@ def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problem
                          mistakes)
     if engine is not None:
         engine.sync(student)  # on-policy: the next step samples from the weights this step made
-    scored = [is_correct_or_none(text, mine[int(i)]["answer"]) for text, i in zip(rollouts.texts, rollouts.prompt_index)]
+    scored = [reward(mine[int(i)], text, conversation) for text, i, conversation in
+              zip(rollouts.texts, rollouts.prompt_index, rollouts.conversations or [None] * len(rollouts.texts))]
     scored = [r for r in scored if r is not None]
     reward_sum, reward_count = all_reduce_sum([sum(scored), len(scored)], device)
     elapsed = time.time() - t0
@@ -504,8 +517,13 @@ def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problem
     return record
 
 
-def is_correct_or_none(text: str, answer: str | None) -> float | None:
-    return None if answer is None else float(evaluate.is_correct(text, answer))
+def reward(item: dict, text: str, conversation: list[dict] | None) -> float | None:
+    """A rollout's reward, for the log: its task's own reward for a conversation, else whether its \\boxed{}
+    answer is right; None without either."""
+    task = item.get("task")
+    if task is not None and task.reward is not None and conversation is not None:
+        return task.reward(conversation)
+    return None if item["answer"] is None else float(evaluate.is_correct(text, item["answer"]))
 
 
 def peak_memory_gb(device: torch.device) -> float:

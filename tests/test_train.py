@@ -254,18 +254,21 @@ def torchrun(nproc: int, *args, timeout=300):
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("mode,nproc", [("ddp", 3), ("fsdp", 4)])
+@pytest.mark.parametrize("mode,nproc", [("ddp", 3), ("fsdp", 4), ("conversations", 3)])
 def test_ranks_match_one_process(tmp_path, mode, nproc):
     """torchrun × N (gloo), uneven shares of the rollouts, against one process on the whole batch: the same
     kept tokens and loss, and the same weight update (compared at its own size: the step moves weights by
     ~1e-3), identical on every rank."""
     result = torchrun(nproc, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), mode)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reference, reference_metrics = one_step(rows=8 if mode == "fsdp" else 7)
+    reference, reference_metrics = one_step(rows=8 if mode == "fsdp" else 7, tool_results=mode == "conversations")
+    if mode == "conversations":  # tool results inside the responses: context the mask leaves out
+        batch = make_batch(7, tool_results=True)
+        assert (batch.attention_mask.bool() & ~batch.response_mask)[:, 5:].any()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
     for name, update in reference.items():
         assert update.abs().max() > 0, name
-        if mode == "ddp":  # FSDP2's full state dict is gathered on rank 0 only
+        if mode != "fsdp":  # FSDP2's full state dict is gathered on rank 0 only
             for other in ranks[1:]:
                 assert torch.equal(ranks[0]["update"][name], other["update"][name]), f"ranks disagree on {name}"
         torch.testing.assert_close(ranks[0]["update"][name], update, atol=1e-4 * update.abs().max().item(),

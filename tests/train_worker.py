@@ -1,10 +1,10 @@
 """Builders shared by tests/test_train.py, and its torchrun worker.
 
-    python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR ddp|fsdp|held_out
+    python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR ddp|fsdp|conversations|held_out
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR nan_on_rank_1 TRAIN_ARGS...
 
-ddp / fsdp: one TIP step on this rank's contiguous share of a fixed batch; saves the weight update and the
-metrics. held_out: train.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
+ddp / fsdp / conversations: one TIP step on this rank's contiguous share of a fixed batch (conversations: with
+tool results inside the responses); saves the weight update and the metrics. held_out: train.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
 so the accuracy of the whole set is known; saves it.
 """
 import json
@@ -33,8 +33,9 @@ def make_pair(seed=0):
     return teacher, student
 
 
-def make_batch(rows=7, length=16, seed=0) -> Rollouts:
-    """Left-padded prompts and right-padded responses of varied lengths, laid out as rollout.py does."""
+def make_batch(rows=7, length=16, seed=0, tool_results=False) -> Rollouts:
+    """Left-padded prompts and right-padded responses of varied lengths, laid out as rollout.py does; with
+    `tool_results`, a conversation's: two tokens inside each longer response are context (mask 0)."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.full((rows, length), tokenizer().pad_token_id)
     attention_mask = torch.zeros(rows, length, dtype=torch.long)
@@ -47,6 +48,8 @@ def make_batch(rows=7, length=16, seed=0) -> Rollouts:
         input_ids[b, prompt_width - p:prompt_width + r] = torch.randint(7, len(tokenizer()), (p + r,), generator=g)
         attention_mask[b, prompt_width - p:prompt_width + r] = 1
         response_mask[b, prompt_width:prompt_width + r] = True
+        if tool_results and r >= 5:
+            response_mask[b, prompt_width + 2:prompt_width + 4] = False
     return Rollouts(input_ids, attention_mask, response_mask, prompt_lengths, torch.arange(rows), [""] * rows)
 
 
@@ -60,15 +63,16 @@ def rank_share(batch: Rollouts) -> Rollouts:
     """This rank's contiguous share of the rows, as train.rollout_share cuts a step (7 rows on 3 ranks: 2, 3, 2)."""
     share = batch.input_ids.shape[0] / tip.world_size()
     rows = slice(round(tip.rank() * share), round((tip.rank() + 1) * share))
-    return Rollouts(*(field[rows] for field in batch))
+    return Rollouts(*(None if field is None else field[rows] for field in batch))
 
 
-def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7) -> tuple[dict, dict]:
+def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7, tool_results: bool = False
+             ) -> tuple[dict, dict]:
     """One SGD step of type_aware selection with a clip that binds, on this rank's share of the batch.
     Returns (the weight update after − before, by name; the step's metrics)."""
     teacher, student = make_pair()
     before = {name: value.detach().clone() for name, value in student.state_dict().items()}
-    batch = rank_share(make_batch(rows))
+    batch = rank_share(make_batch(rows, tool_results=tool_results))
     if fsdp:
         train.shard_with_fsdp(student)
         train.shard_with_fsdp(teacher)
@@ -109,7 +113,8 @@ def worker() -> None:
         # FSDP2 also accumulates, on the two-pass path: 8 rows, 2 per rank, in micro-batches of 1 (FSDP2 needs
         # as many forwards on every rank; train.py's parse_config refuses shares that would differ)
         fsdp = mode == "fsdp"
-        update, metrics = one_step(fsdp, micro_batch_size=1 if fsdp else 64, rows=8 if fsdp else 7)
+        update, metrics = one_step(fsdp, micro_batch_size=1 if fsdp else 64, rows=8 if fsdp else 7,
+                                   tool_results=mode == "conversations")
         torch.save(dict(update=update, metrics=metrics), out_dir / f"rank{tip.rank()}.pt")
     torch.distributed.destroy_process_group()
 
