@@ -1,0 +1,297 @@
+"""DeepPlanning environment: tools on a tiny fixture database in the benchmark's layout, splits, reward checks."""
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers.utils import get_json_schema
+
+import deepplanning
+import rollout
+import tip
+
+FIXTURE = Path(__file__).parent / "fixtures" / "deepplanning"
+QUERIES = json.loads((FIXTURE / "data" / "travelplanning_query_en.json").read_text())
+META = QUERIES[0]["meta_info"]
+DATABASE = FIXTURE / "database" / "database_en"
+
+
+def tools_of(task_id: int) -> dict:
+    db = deepplanning.TravelDatabase(DATABASE / f"id_{task_id}")
+    return {tool.__name__: tool for tool in deepplanning.travel_tools(db)}
+
+
+# ---------------------------------------------------------------- tools
+
+def test_tools_have_the_benchmark_names_and_parameters_and_build_json_schemas():
+    expected = {"query_train_info": (["origin", "destination", "depDate"], ["seatClassName"]),
+                "query_flight_info": (["origin", "destination", "depDate"], ["seatClassName"]),
+                "query_hotel_info": (["destination", "checkinDate", "checkoutDate"], ["hotelStar", "hotelBrands"]),
+                "query_attraction_details": (["attraction_name"], []),
+                "recommend_attractions": (["city"], ["attraction_type"]),
+                "search_location": (["place_name"], []),
+                "query_road_route_info": (["origin", "destination"], []),
+                "recommend_restaurants": (["latitude", "longitude"], []),
+                "query_restaurant_details": (["restaurant_name"], [])}
+    tools = tools_of(0)
+    assert set(tools) == set(expected)
+    for name, tool in tools.items():
+        schema = get_json_schema(tool)["function"]
+        required, optional = expected[name]
+        assert schema["name"] == name and schema["description"]
+        assert schema["parameters"]["required"] == required
+        assert list(schema["parameters"]["properties"]) == required + optional
+        assert all(p["type"] == "string" and p["description"] for p in schema["parameters"]["properties"].values())
+
+
+def test_train_query_groups_routes_filters_by_seat_class_and_reports_no_match():
+    trains = tools_of(0)["query_train_info"]
+    routes = json.loads(trains("Hefei", "Nanjing", "2025-11-12"))
+    assert [[s["train_no"] for s in r["segments"]] for r in routes] == [["G7798"], ["G7798"], ["D5502", "D3076"]]
+    assert [r["price"] for r in routes] == [100.0, 160.0, 90.0]  # a transfer route costs its first segment's price
+    assert routes[2]["segments"][1]["dep_station_name"] == "Chuzhou Railway Station"
+    assert [r["segments"][0]["seat_status"] for r in routes[:2]] == ["6", "Available"]
+    first = json.loads(trains("Hefei", "Nanjing", "2025-11-12", seatClassName="First Class Seat"))
+    assert len(first) == 1 and first[0]["price"] == 160.0
+    assert trains("Hefei", "Nanjing", "2025-11-20").startswith("No train information found from Hefei to Nanjing")
+
+
+def test_flight_query_filters_by_seat_class():
+    flights = tools_of(1)["query_flight_info"]
+    assert [r["segments"][0]["flight_no"] for r in json.loads(flights("Harbin", "Dalian", "2025-11-12"))] == \
+        ["MU5101", "CZ6301"]
+    business = json.loads(flights("Harbin", "Dalian", "2025-11-12", "Business Class"))
+    assert len(business) == 1 and business[0]["price"] == 1450.0
+    segment = business[0]["segments"][0]
+    assert (segment["equip_type"], segment["duration"]) == ("Boeing 737-800", "110")
+    assert flights("Dalian", "Harbin", "2025-11-12").startswith("No flight information found")
+
+
+def test_hotel_query_filters_by_star_and_brand():
+    hotels = tools_of(0)["query_hotel_info"]
+    assert len(json.loads(hotels("Nanjing", "2025-11-12", "2025-11-13"))) == 3
+    three_star = json.loads(hotels("Nanjing", "2025-11-12", "2025-11-13", hotelStar="3"))
+    assert [h["name"] for h in three_star] == ["Orange Hotel Nanjing Confucius Temple"]
+    assert three_star[0]["services"] == ["Swimming Pool", "Free WiFi"] and three_star[0]["price"] == "441"
+    atour = json.loads(hotels("Nanjing", "2025-11-12", "2025-11-13", hotelBrands="Atour Hotel"))
+    assert [h["name"] for h in atour] == ["Atour Hotel Nanjing Xinjiekou"]
+    assert hotels("Nanjing", "2025-11-12", "2025-11-13", hotelStar="5").startswith("No hotel found")
+
+
+def test_attraction_tools():
+    tools = tools_of(0)
+    details = json.loads(tools["query_attraction_details"]("Nanjing City Wall Taicheng Scenic Area"))
+    assert (details["ticket_price"], details["closing_dates"], details["min_visit_hours"]) == ("30", "Monday", "1.5")
+    assert tools["query_attraction_details"]("Taicheng").startswith("No attraction named")
+    assert len(json.loads(tools["recommend_attractions"]("Nanjing"))) == 4
+    scenery = json.loads(tools["recommend_attractions"]("Nanjing", "Natural Scenery"))
+    assert [a["attraction_name"] for a in scenery] == ["Xuanwu Lake"]
+    assert tools_of(1)["recommend_attractions"]("Dalian", "Theme Park") == "No attractions found in Dalian"
+
+
+def test_location_route_and_restaurant_tools():
+    tools = tools_of(0)
+    hotel = json.loads(tools["search_location"]("Orange Hotel Nanjing Confucius Temple"))
+    assert (hotel["latitude"], hotel["longitude"]) == ("32.020100", "118.788200")
+    assert tools["search_location"]("Orange Hotel").startswith("No coordinates found")
+    route = json.loads(tools["query_road_route_info"]("32.020100,118.788200", "32.063000,118.795000"))
+    assert (route["distance_meters"], route["duration_minutes"], route["cost"]) == ("1500", "10", "0")
+    assert tools["query_road_route_info"]("32.063000,118.795000", "32.020100,118.788200").startswith("No route found")
+    nearby = json.loads(tools["recommend_restaurants"]("32.015000", "118.781000"))
+    assert [r["restaurant_name"] for r in nearby] == \
+        ["Six Dynasties Pine Teahouse", "Qinhuai Snack House", "Laomendong Roast Duck"]
+    assert nearby[0]["tags"] == ["Birthday Package", "Private Room"]
+    assert tools["recommend_restaurants"]("32.015000", "118.784000").startswith("No restaurants found")
+    noodles = json.loads(tools["query_restaurant_details"]("Jinling Noodle House"))
+    assert (noodles["price_per_person"], noodles["closing_time"]) == ("40", "20:00")
+    assert tools["query_restaurant_details"]("Noodles").startswith("No restaurant named")
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("query_train_info", {"origin": "Hefei", "destination": "Nanjing", "depDate": "12/11/2025"}),
+    ("query_train_info", {"origin": "Hefei", "destination": "Nanjing", "date": "2025-11-12"}),
+    ("query_hotel_info", {"destination": "Nanjing", "checkinDate": "2025-11-13", "checkoutDate": "2025-11-12"}),
+    ("query_hotel_info", {"destination": "Nanjing", "checkinDate": "2025-11-12", "checkoutDate": "2025-11-13",
+                          "hotelStar": "12"}),
+    ("recommend_attractions", {"city": "Nanjing", "attraction_type": "Beaches"}),
+    ("query_road_route_info", {"origin": "Orange Hotel Nanjing Confucius Temple", "destination": "32.0,118.7"}),
+    ("recommend_restaurants", {"latitude": "north", "longitude": "118.781000"}),
+])
+def test_a_wrong_argument_raises_and_the_rollout_shows_the_error(name, arguments):
+    tools = tools_of(0)
+    with pytest.raises((ValueError, TypeError)):
+        tools[name](**arguments)
+    assert rollout.run_tool_call({"name": name, "arguments": arguments}, tools).startswith("Error: ")
+
+
+# ---------------------------------------------------------------- tasks and splits
+
+def test_tasks_carry_the_query_the_tools_and_a_reward():
+    tasks = [t for split in ("train", "test") for t in deepplanning.deepplanning_tasks(str(FIXTURE), split)]
+    assert len(tasks) == 3 and all(isinstance(t, rollout.Task) for t in tasks)
+    assert sorted(t.messages[1]["content"] for t in tasks) == sorted(q["query"] for q in QUERIES)
+    assert all(t.messages[0]["role"] == "system" and len(t.tools) == 9 for t in tasks)
+    nanjing = next(t for t in tasks if "Nanjing" in t.messages[1]["content"])  # the tools read this task's own database
+    trains = {tool.__name__: tool for tool in nanjing.tools}["query_train_info"]
+    assert "G7798" in trains("Hefei", "Nanjing", "2025-11-12")
+    assert nanjing.reward([{"role": "assistant", "content": f"<plan>{GOOD_PLAN}</plan>"}]) == 1.0
+
+
+def test_splits_are_disjoint_deterministic_and_80_20(tmp_path):
+    queries = [dict(QUERIES[0], id=str(i), query=f"task {i}") for i in range(10)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "travelplanning_query_en.json").write_text(json.dumps(queries))
+    for i in range(10):
+        shutil.copytree(DATABASE / "id_0", tmp_path / "database" / "database_en" / f"id_{i}")
+    ids = {split: [t.messages[1]["content"] for t in deepplanning.deepplanning_tasks(str(tmp_path), split)]
+           for split in ("train", "test")}
+    assert (len(ids["train"]), len(ids["test"])) == (8, 2)
+    assert set(ids["train"]).isdisjoint(ids["test"])
+    assert set(ids["train"]) | set(ids["test"]) == {q["query"] for q in queries}
+    assert ids["train"] == [t.messages[1]["content"] for t in deepplanning.deepplanning_tasks(str(tmp_path), "train")]
+    assert ids["train"] != sorted(ids["train"], key=lambda q: int(q.split()[1]))[:8]  # shuffled, not the first 8
+
+
+def test_a_missing_or_malformed_folder_raises_input_error(tmp_path):
+    with pytest.raises(tip.InputError, match="does not exist.*data/travelplanning_query_en.json"):
+        deepplanning.deepplanning_tasks(str(tmp_path / "nowhere"), "train")
+    with pytest.raises(tip.InputError, match="travelplanning_query_en.json is missing.*Qwen/DeepPlanning"):
+        deepplanning.deepplanning_tasks(str(tmp_path), "train")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "travelplanning_query_en.json").write_text('[{"id": "0",')
+    with pytest.raises(tip.InputError, match="is not valid JSON"):
+        deepplanning.deepplanning_tasks(str(tmp_path), "train")
+    (tmp_path / "data" / "travelplanning_query_en.json").write_text('{"id": "0"}')
+    with pytest.raises(tip.InputError, match="not a list of tasks with id, query and meta_info"):
+        deepplanning.deepplanning_tasks(str(tmp_path), "train")
+    (tmp_path / "data" / "travelplanning_query_en.json").write_text(json.dumps(QUERIES[:1]))
+    shutil.copytree(DATABASE / "id_0", tmp_path / "database" / "database_en" / "id_0")
+    (tmp_path / "database" / "database_en" / "id_0" / "hotels" / "hotels.csv").unlink()
+    with pytest.raises(tip.InputError, match=r"task 0: .*id_0 lacks hotels/hotels.csv"):
+        deepplanning.deepplanning_tasks(str(tmp_path), "train")
+    with pytest.raises(tip.InputError, match="unknown DeepPlanning split"):
+        deepplanning.deepplanning_tasks(str(FIXTURE), "validation")
+
+
+# ---------------------------------------------------------------- the reward
+
+GOOD_PLAN = """
+Day 1:
+Current City: from Hefei to Nanjing
+Accommodation: Orange Hotel Nanjing Confucius Temple, ¥441/room/night
+08:00-09:00 | travel_intercity_public | train G7798, Hefei South Railway Station - Nanjing South Railway Station, ¥100/person
+09:00-09:30 | buffer | Leave the station
+09:30-10:00 | travel_city | Nanjing South Railway Station - Orange Hotel Nanjing Confucius Temple, 8km, 30min, ¥30
+10:00-10:30 | hotel | Check-in, Orange Hotel Nanjing Confucius Temple
+10:30-10:40 | travel_city | Orange Hotel Nanjing Confucius Temple - Nanjing City Wall Taicheng Scenic Area, 1.5km, 10min, ¥0
+10:40-12:40 | attraction | Nanjing City Wall Taicheng Scenic Area, ¥30/person
+12:40-12:50 | travel_city | Nanjing City Wall Taicheng Scenic Area - Six Dynasties Pine Teahouse, 1km, 10min, ¥0
+12:50-14:00 | meal | Lunch, Six Dynasties Pine Teahouse, ¥120/person
+14:00-14:20 | travel_city | Six Dynasties Pine Teahouse - Nanjing Deji Plaza, 4km, 20min, ¥20
+14:20-17:20 | attraction | Nanjing Deji Plaza, ¥0/person
+17:20-17:30 | travel_city | Nanjing Deji Plaza - Jinling Noodle House, 0.5km, 10min, ¥0
+17:30-18:30 | meal | Dinner, Jinling Noodle House, ¥40/person
+18:30-18:50 | travel_city | Jinling Noodle House - Orange Hotel Nanjing Confucius Temple, 3km, 20min, ¥20
+18:50-24:00 | hotel | Rest, Orange Hotel Nanjing Confucius Temple
+
+Day 2:
+Current City: from Nanjing to Hefei
+Accommodation: -
+08:00-08:40 | hotel | Check-out, Orange Hotel Nanjing Confucius Temple
+08:40-09:00 | travel_city | Orange Hotel Nanjing Confucius Temple - Laomendong, 2km, 20min, ¥0
+09:00-11:20 | attraction | Laomendong, ¥0/person
+11:20-11:30 | travel_city | Laomendong - Laomendong Roast Duck, 0.3km, 10min, ¥0
+11:30-12:30 | meal | Lunch, Laomendong Roast Duck, ¥60/person
+12:30-13:00 | travel_city | Laomendong Roast Duck - Nanjing South Railway Station, 9km, 30min, ¥30
+13:00-13:30 | buffer | Security check and boarding
+13:30-14:30 | travel_intercity_public | train G3031, Nanjing South Railway Station - Hefei South Railway Station, ¥100/person
+
+Budget Summary:
+Transportation: 700 RMB. Trains (100+100)*3=600; taxis 100
+Accommodation: 882 RMB. 441*2 rooms*1 night
+Meals: 660 RMB. (120+40+60)*3
+Attractions & Tickets: 90 RMB. 30*3
+Total Estimated Budget: 2332 RMB
+"""
+
+# check name (and how) -> (text replacements in the good plan, changes to the task's meta_info): each breaks it
+BREAKS = {
+    "valid_trip_duration": ([], {"days": 3}),
+    "closed_loop_route_structure": ([("from Nanjing to Hefei", "from Nanjing to Shanghai")], {}),
+    "seamless_intercity_transfers": ([("Current City: from Hefei to Nanjing", "Current City: Nanjing")], {}),
+    "validated_accommodation": ([("¥441/room/night", "¥400/room/night")], {}),
+    "validated_attractions": ([("Taicheng Scenic Area, ¥30/person", "Taicheng Scenic Area, ¥35/person")], {}),
+    "validated_meals": ([("Dinner, Jinling Noodle House", "Dinner, Jinling Dumpling House")], {}),
+    "validated_transportation": ([("Hefei South Railway Station, ¥100/person\n\nBudget",
+                                   "Hefei South Railway Station, ¥90/person\n\nBudget")], {}),
+    "traceable_accommodation": ([("Accommodation: -",
+                                  "Accommodation: Orange Hotel Nanjing Confucius Temple, ¥441/room/night")], {}),
+    "ends_with_accommodation": ([("18:50-24:00 | hotel | Rest, Orange Hotel Nanjing Confucius Temple\n", "")], {}),
+    "essential_meal_coverage": ([("17:30-18:30 | meal | Dinner, Jinling Noodle House, ¥40/person\n", "")], {}),
+    "essential_meal_coverage (meals 90 minutes apart)": ([("17:30-18:30 | meal | Dinner", "15:30-16:30 | meal | Dinner")], {}),
+    "essential_attraction_coverage": ([("10:40-12:40 | attraction | Nanjing City Wall Taicheng Scenic Area, ¥30/person\n", ""),
+                                       ("14:20-17:20 | attraction | Nanjing Deji Plaza, ¥0/person\n", "")], {}),
+    "no_time_overlaps": ([("12:50-14:00 | meal", "12:30-14:00 | meal")], {}),
+    "reasonable_transfer_time": ([("10:30-10:40 | travel_city", "10:30-11:10 | travel_city"),
+                                  ("10:40-12:40 | attraction", "11:10-12:40 | attraction")], {}),
+    "attraction_visit_within_opening_hours": ([("08:00-08:40 | hotel", "08:00-08:20 | hotel"),
+                                               ("08:40-09:00 | travel_city", "08:20-08:40 | travel_city"),
+                                               ("09:00-11:20 | attraction", "08:40-11:20 | attraction")], {}),
+    "dining_within_service_hours": ([("11:30-12:30 | meal", "11:30-12:40 | meal"),
+                                     ("12:30-13:00 | travel_city", "12:40-13:00 | travel_city")], {}),
+    "avoidance_of_closure_days": ([], {"depart_weekday": 1}),  # day 1 a Monday: the city wall is closed
+    "reasonable_duration_at_attractions": ([("14:20-17:20 | attraction", "14:20-15:50 | attraction")], {}),
+    "reasonable_duration_at_attractions (too long)": ([("14:20-17:20 | attraction", "13:00-17:20 | attraction")], {}),
+    "reasonable_meal_duration": ([("17:30-18:30 | meal", "17:30-17:50 | meal")], {}),
+    "cost_calculation_correctness": ([("Total Estimated Budget: 2332 RMB", "Total Estimated Budget: 5000 RMB")], {}),
+    "diverse_meal_options": ([("Lunch, Laomendong Roast Duck, ¥60/person",
+                               "Lunch, Jinling Noodle House, ¥40/person")], {}),
+    "diverse_attraction_options": ([("09:00-11:20 | attraction | Laomendong", "09:00-11:20 | attraction | Nanjing Deji Plaza")], {}),
+    # hard constraints
+    "train_seat_status": ([("train G3031", "train G3033")], {}),
+    "hotel_star_service_required": ([("Orange Hotel Nanjing Confucius Temple", "Atour Hotel Nanjing Xinjiekou")], {}),
+    "restaurant_specific_tag_nearby": ([("Six Dynasties Pine Teahouse", "Qinhuai Snack House")], {}),
+    "attraction_must_visit_named": ([("Nanjing Deji Plaza", "Xuanwu Lake")], {}),
+    "budget_constraint": ([], {"hard_constraints": {**META["hard_constraints"],
+                                                     "budget_constraint": {"max_budget": 2000}}}),
+    "flight_cheapest_direct": ([], {"hard_constraints": {**META["hard_constraints"],
+                                                          "flight_cheapest_direct": {"outbound_flight_no": "MU5101"}}}),
+}
+
+
+def score(plan: str, meta: dict | None = None) -> tuple[float, dict]:
+    db = deepplanning.TravelDatabase(DATABASE / "id_0")
+    conversation = [{"role": "user", "content": QUERIES[0]["query"]},
+                    {"role": "assistant", "content": '<tool_call>{"name": "search_location"}</tool_call>'},
+                    {"role": "tool", "content": "Error"},
+                    {"role": "assistant", "content": f"<think>a plan</think>Here it is.\n<plan>{plan}</plan>"}]
+    meta = meta or META
+    checks = deepplanning.plan_checks(meta, db, *deepplanning.parse_plan(plan))
+    return deepplanning.deepplanning_reward(meta, db, conversation), checks
+
+
+def test_a_plan_that_satisfies_every_check_scores_1():
+    reward, checks = score(GOOD_PLAN)
+    commonsense = {name for names in deepplanning.DIMENSIONS.values() for name in names}
+    assert set(checks) == commonsense | set(META["hard_constraints"])
+    assert [name for name, ok in checks.items() if not ok] == [] and reward == 1.0
+    days, total = deepplanning.parse_plan(GOOD_PLAN)
+    assert (len(days), total, deepplanning.plan_cost(days, META)) == (2, 2332.0, 2332.0)
+    markdown = GOOD_PLAN.replace("Day 1:", "**Day 1:**").replace("Total Estimated Budget: 2332 RMB",
+                                                                  "**Total Estimated Budget: ¥2,332**")
+    assert score(markdown)[0] == 1.0
+
+
+@pytest.mark.parametrize("check", BREAKS)
+def test_a_plan_that_breaks_a_check_scores_lower(check):
+    plan, (replacements, meta_changes) = GOOD_PLAN, BREAKS[check]
+    for old, new in replacements:
+        assert old in plan
+        plan = plan.replace(old, new)
+    reward, checks = score(plan, {**copy.deepcopy(META), **meta_changes})
+    assert checks[check.split(" (")[0]] is False and reward < 1.0
+
+
+def test_no_plan_scores_0():
+    assert score("I could not find any trains.")[0] == 0.0
