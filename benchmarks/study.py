@@ -3,6 +3,7 @@
     python benchmarks/study.py --world toy --jobs 2     # the full grid below, 3 seeds, 300 steps each
     python benchmarks/study.py --world facts --jobs 2
     python benchmarks/study.py --quick                  # 4 rules x 2 seeds x 60 steps: ~15 min on 2 cores
+    python benchmarks/study.py --world agent --report   # the world's own pair: accuracies, quadrants, mistakes
 
 A run is train.py on a built-in world (toy preset) with one rule, kept ratio ρ, loss and seed (the seed changes
 the rollouts and the selection draws, not the starting student); its final student is then measured: mean@k on
@@ -36,7 +37,7 @@ if str(ROOT) not in sys.path:
 import evaluate  # noqa: E402  (after the path fix, so the script runs from any folder)
 import score  # noqa: E402
 import tip  # noqa: E402
-from rollout import generate_rollouts  # noqa: E402
+from rollout import generate_conversations, generate_rollouts  # noqa: E402
 
 MAX_NEW = tip.PRESETS["toy"]["max_response_len"]  # the length the worlds train at
 
@@ -102,41 +103,73 @@ def tracked(rows: list[dict], every: int) -> list[dict]:
 
 
 @torch.no_grad()
-def measure_student(world: str, world_dir: str, student_folder: Path, samples: int, seed: int) -> dict:
-    """mean@k (T=1) of the student on each held-out split; on its test rollouts, the mean reverse KL to the
-    teacher (Eq. 3) and, at the world's known-mistake tokens, how many there are per rollout, how often the
-    student's token is not the teacher's first choice, their quadrants (§4) and share below the median h."""
+def measure_model(world: str, world_dir: str, folder: Path, samples: int, seed: int) -> dict:
+    """mean@k (T=1) of the model in `folder` on each held-out split; on its test rollouts scored against the
+    world's teacher: the quadrants of §4 (median split; token and reverse-KL mass shares), the mean reverse KL
+    (Eq. 3) and, at the world's known-mistake tokens, how many there are per rollout, how often the token is
+    not the teacher's first choice, their share of the KL mass, their quadrants and share below the median h."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = evaluate.world_folder(world, world_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "student")
-    student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(folder / "teacher", dtype=torch.float32).eval()
-    report = {"accuracy": {}}
+    world_folder = evaluate.world_folder(world, world_dir)
+    tokenizer = AutoTokenizer.from_pretrained(world_folder / "student")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(world_folder / "teacher", dtype=torch.float32).eval()
+    report, max_turns = {"accuracy": {}}, tip.Config().max_turns
     for split in [s for s in importlib.import_module(world).SPLITS if s != "train"]:
         problems = evaluate.world_problems(world, split, world_dir)
-        generate = evaluate.model_generator(student, tokenizer, MAX_NEW, 1.0, 1.0, seed, 512)
+        tasks = evaluate.world_tasks(world, problems, tokenizer)
+        generate = evaluate.model_generator(model, tokenizer, MAX_NEW, 1.0, 1.0, seed, 512, tasks=tasks,
+                                            max_turns=max_turns)
         summary, _ = evaluate.run_benchmark(problems, evaluate.benchmark_prompts(problems, tokenizer, bare=True),
                                             generate, samples, batch_size=512, show_progress=False)
         report["accuracy"][split] = summary["accuracy"]
-    prompts = evaluate.benchmark_prompts(evaluate.world_problems(world, "test", world_dir), tokenizer, bare=True)
-    rollouts = generate_rollouts(student, tokenizer, prompts, 1, MAX_NEW, 1.0, 1.0, seed=seed + 1, batch_size=512)
+    problems = evaluate.world_problems(world, "test", world_dir)
+    prompts, tasks = evaluate.benchmark_prompts(problems, tokenizer, bare=True), evaluate.world_tasks(world, problems,
+                                                                                                       tokenizer)
+    rollouts = (generate_conversations(model, tokenizer, [tasks[p] for p in prompts], 1, MAX_NEW, max_turns, 1.0, 1.0,
+                                       seed + 1, batch_size=512) if tasks else
+                generate_rollouts(model, tokenizer, prompts, 1, MAX_NEW, 1.0, 1.0, seed=seed + 1, batch_size=512))
     scored = rollouts.response_mask[:, 1:]  # the hidden state at p predicts the token at p + 1
-    logits = {role: tip.final_hidden_states(model, rollouts.input_ids, rollouts.attention_mask)[:, :-1][scored]
-              @ tip.lm_head_weight(model).T for role, model in (("student", student), ("teacher", teacher))}
-    stats = score.token_stats(logits["student"], logits["teacher"])
-    report["held_out_reverse_kl"] = float(stats.reverse_kl.double().mean())
+    logits = {role: tip.final_hidden_states(m, rollouts.input_ids, rollouts.attention_mask)[:, :-1][scored]
+              @ tip.lm_head_weight(m).T for role, m in (("model", model), ("teacher", teacher))}
+    stats = score.token_stats(logits["model"], logits["teacher"])
+    h = score.normalized_entropy(stats.entropy, logits["model"].shape[-1])
+    quadrant = tip.load_select().quadrants(h, stats.reverse_kl, torch.ones_like(h, dtype=torch.bool))
+    kl = stats.reverse_kl.double()
+    mass = lambda where: float(kl[where].sum() / kl.sum()) if kl.sum() > 0 else None  # noqa: E731  (none: the teacher itself)
+    report["held_out_reverse_kl"] = float(kl.mean())
+    report["quadrants"] = {f"Q{q}": {"token_share": float((quadrant == q).double().mean()),
+                                     "kl_mass_share": mass(quadrant == q)} for q in range(1, 5)}
     mistakes = evaluate.world_mistake_mask(world, tokenizer, rollouts, prompts)
     if mistakes is not None:
         mistakes = mistakes[:, 1:][scored]
-        h = score.normalized_entropy(stats.entropy, logits["student"].shape[-1])
-        quadrant = tip.load_select().quadrants(h, stats.reverse_kl, torch.ones_like(h, dtype=torch.bool))
         sampled = rollouts.input_ids[:, 1:][scored]
         report["mistakes"] = {"per_rollout": float(mistakes.sum()) / len(rollouts.texts)}
         if mistakes.any():
             report["mistakes"].update(
                 not_teacher_choice=float((sampled[mistakes] != logits["teacher"][mistakes].argmax(-1)).double().mean()),
+                kl_mass_share=mass(mistakes),
                 below_median_h=float((h[mistakes] <= h.median()).double().mean()),
                 **{f"q{q}_share": float((quadrant[mistakes] == q).double().mean()) for q in range(1, 5)})
+    return report
+
+
+def world_report(args) -> dict:
+    """The world's teacher and student measured as a trained run is (`measure_model`), printed and written to
+    <out>/world.json."""
+    folder = evaluate.world_folder(args.world, args.world_dir)
+    report = {"world": str(folder), "samples": args.samples, **{role: measure_model(
+        args.world, args.world_dir, folder / role, args.samples, 0) for role in ("teacher", "student")}}
+    evaluate.write_json(Path(args.out) / "world.json", report)
+    splits = list(report["student"]["accuracy"])
+    print(f"{args.world} world {folder}, mean@{args.samples} at T=1 (%): " + "; ".join(
+        f"{role} " + ", ".join(f"{s} {100 * report[role]['accuracy'][s]:.1f}" for s in splits)
+        for role in ("teacher", "student")))
+    student = report["student"]
+    print("student's test rollouts against the teacher, median split: " + ", ".join(
+        f"{q} {100 * v['token_share']:.1f} % of tokens / {100 * (v['kl_mass_share'] or 0):.1f} % of KL"
+        for q, v in student["quadrants"].items()))
+    if "mistakes" in student:
+        print("known-mistake tokens: " + json.dumps({k: round(v, 4) for k, v in student["mistakes"].items()}))
     return report
 
 
@@ -162,7 +195,7 @@ def run_one(setting: Setting, seed: int, args) -> dict:
               "peak_memory_gb": max(r["peak_memory_gb"] for r in rows), "train_seconds": train_seconds,
               "track": tracked(rows, args.track_every)}
     start = time.time()
-    result.update(measure_student(args.world, args.world_dir, run_dir / "final", args.samples, seed))
+    result.update(measure_model(args.world, args.world_dir, run_dir / "final", args.samples, seed))
     result["measure_seconds"] = time.time() - start
     evaluate.write_json(Path(args.out) / "runs" / f"{name}.json", result)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -298,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         run_one(Setting(**setting), seed, args)
         return 0
+    if args.report:
+        world_report(args)
+        return 0
     settings = args.settings or (QUICK if args.quick else RULE_GRID + CONTROL + LOSS_GRID)
     rules = tip.load_select().RULES
     for setting in settings:  # every mistake before any run starts
@@ -341,6 +377,7 @@ def parse(argv=None):
     add("--out", default="", help="results folder (default benchmarks/results/study-<world>[-quick])")
     add("--work-dir", default="", help="training folders while runs train (default runs/study-<world>)")
     add("--world-dir", default="", help="where the built-in worlds are cached (default: $TIP_CACHE or ~/.cache/tip)")
+    add("--report", action="store_true", help="measure the world's teacher and student instead (world.json)")
     add("--in-process", action="store_true", help="run one after another in this process (tests, debugging)")
     add("--one", default="", help=argparse.SUPPRESS)  # a run process: [setting, seed] as JSON
     args = parser.parse_args(argv)

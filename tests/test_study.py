@@ -66,3 +66,26 @@ def test_the_study_runs_writes_its_outputs_and_resumes(tmp_path, monkeypatch):
     assert study.main(common + ["--in-process"]) == 0
     assert kept.stat().st_mtime_ns == before and (out / "runs" / "q3-0.5-jsd-s0.json").exists()
     assert len(json.loads((out / "study.json").read_text())["runs"]) == 2 and not any(work.iterdir())
+
+
+def test_report_and_a_run_on_the_agent_world(tmp_path, monkeypatch):
+    """The conversation world through the same machinery: its pair's report, and one in-process run."""
+    import agent
+    tiny = agent.AgentRecipe(facts=6, wrong_facts=2, train_problems=30, test_problems=8, trigger_problems=6,
+                             clean_problems=6, batch_size=4, head_dim=8, teacher_hidden=16, teacher_layers=1,
+                             teacher_steps=2, student_hidden=8, student_layers=1, student_steps=2)
+    monkeypatch.setattr(agent, "DEFAULT_RECIPE", tiny)
+    common = ["--world", "agent", "--world-dir", str(tmp_path / "cache"), "--samples", "1", "--out",
+              str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    assert study.main(common + ["--report"]) == 0
+    report = json.loads((tmp_path / "out" / "world.json").read_text())
+    for role in ("teacher", "student"):
+        assert set(report[role]["accuracy"]) == {"test", "trigger", "clean"}
+        assert sum(q["token_share"] for q in report[role]["quadrants"].values()) == pytest.approx(1.0)
+    assert sum(q["kl_mass_share"] for q in report["student"]["quadrants"].values()) == pytest.approx(1.0)
+    assert "mistakes" in report["student"]
+    calls, real = [], study.generate_conversations
+    monkeypatch.setattr(study, "generate_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert study.main(common + ["--settings", "q3:0.5", "--seeds", "1", "--steps", "2", "--in-process"]) == 0
+    (run,) = json.loads((tmp_path / "out" / "study.json").read_text())["runs"]
+    assert run["steps"] == 2 and set(run["accuracy"]) == {"test", "trigger", "clean"} and calls
