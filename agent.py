@@ -121,7 +121,8 @@ def agent_task(problem: dict, recipe: AgentRecipe | None = None) -> Task:
     return Task([{"role": "user", "content": problem["problem"]}], [lookup_tool(recipe)], reward)
 
 
-def agent_mistake_positions(prompt_text: str, response_tokens: list[str], recipe: AgentRecipe | None = None) -> list[int]:
+def agent_mistake_positions(prompt_text: str, response_tokens: list[str],
+                            recipe: AgentRecipe | None = None) -> list[int]:
     """Indices of the sampled tokens that are the argument of a call meant for a confused name: the k-th call
     is meant for the problem's k-th name (read from the prompt), whatever argument it holds."""
     names, _ = facts.parse_problem(prompt_text)

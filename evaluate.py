@@ -191,11 +191,31 @@ def world_tasks(name: str, problems: list[dict], tokenizer, switches: dict | Non
 
 def load_prompts(config: tip.Config, tokenizer) -> list[dict]:
     """tip.load_prompts, with a built-in world's train split when --prompts names one (and, for a world of
-    conversations, each prompt's "task")."""
+    conversations, each prompt's "task"); deepplanning:PATH gives the train split of DeepPlanning's tasks."""
+    if config.prompts.startswith("deepplanning:"):
+        return task_prompts(config, tokenizer, importlib.import_module("deepplanning").deepplanning_tasks(
+            config.prompts.split(":", 1)[1], "train"))
     problems = world_problems(config.prompts, "train", config.world_dir) if config.prompts in WORLDS else None
     prompts = tip.load_prompts(config, tokenizer, problems)
     tasks = world_tasks(config.prompts, problems or [], tokenizer, tip.template_switches(config))
     return [{**p, "task": tasks[p["prompt"]]} for p in prompts] if tasks else prompts
+
+
+def task_prompts(config: tip.Config, tokenizer, tasks: list) -> list[dict]:
+    """[{"prompt", "answer": None, "task"}] of conversations with tools: each task's opening messages and tool
+    schemas under the chat template; tasks over --max-prompt-len tokens are dropped and counted."""
+    switches = tip.template_switches(config)
+    texts = [tokenizer.apply_chat_template(t.messages, tools=t.tools or None, tokenize=False,
+                                           add_generation_prompt=True, **switches) for t in tasks]
+    lengths = [len(ids) for ids in tip.encode_prompts(tokenizer, texts)]
+    prompts = [{"prompt": text, "answer": None, "task": task}
+               for text, task, length in zip(texts, tasks, lengths) if length <= config.max_prompt_len]
+    tip.log(f"prompts: {len(prompts)} conversations from {config.prompts} ({len(tasks) - len(prompts)} longer than "
+            f"{config.max_prompt_len} tokens dropped)")
+    if not prompts:
+        raise tip.InputError(f"no tasks left from {config.prompts!r}: raise --max-prompt-len (the longest opening "
+                             f"prompt has {max(lengths, default=0)} tokens)")
+    return prompts
 
 
 def load_problems(benchmark: str | None, data: str | None = None, world_dir: str = "") -> list[dict]:

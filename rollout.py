@@ -77,7 +77,8 @@ def to_rollouts(tokenizer, encoded: list[list[int]], responses: list[list[int]],
         sampled = [[True] * len(r) for r in responses]
     prompt_ids, prompt_mask = (t.repeat_interleave(n, 0) for t in left_padded(encoded, pad))
     response_ids = torch.full((len(responses), max(map(len, responses))), pad, dtype=torch.long)
-    real, response_mask = torch.zeros(response_ids.shape, dtype=torch.bool), torch.zeros(response_ids.shape, dtype=torch.bool)
+    real = torch.zeros(response_ids.shape, dtype=torch.bool)
+    response_mask = torch.zeros_like(real)
     for b, (tokens, flags) in enumerate(zip(responses, sampled)):
         response_ids[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         real[b, :len(tokens)] = True
@@ -273,7 +274,8 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
             task = tasks[b // n]
             results = [run_tool_call(call, {tool.__name__: tool for tool in task.tools}) for call in calls]
             conversations[b] += [{"role": "tool", "content": r} for r in results]
-            glue = tokenizer(tool_glue(tokenizer, results, task.tools, eos, switches), add_special_tokens=False).input_ids
+            glue = tool_glue(tokenizer, results, task.tools, eos, switches)
+            glue = tokenizer(glue, add_special_tokens=False).input_ids
             if len(tokens[b]) + len(glue) < max_new_tokens:  # room for the results and a sampled token after
                 tokens[b] += glue
                 sampled[b] += [False] * len(glue)

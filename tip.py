@@ -52,7 +52,8 @@ class Config:
     # --- the pair and the data (§7.1) ---
     teacher: str = _arg("", "teacher model: local folder or hub id; empty = the built-in toy teacher")
     student: str = _arg("", "student model: local folder or hub id; empty = the built-in toy student")
-    prompts: str = _arg("", "prompt source: a built-in world ('toy', 'facts', 'agent'), a hub dataset name, or a local "
+    prompts: str = _arg("", "prompt source: a built-in world ('toy', 'facts', 'agent'), deepplanning:PATH (its "
+                        "travel tasks, with tools), a hub dataset name, or a local "
                         ".jsonl/.json/.parquet file (the toy preset uses 'toy'; a real pair needs one)")
     prompt_split: str = _arg("train", "split of a hub prompt set to read (a local file is one split)")
     prompt_subset: str = _arg("", "configuration (subset) of a hub prompt set, e.g. 'en' for "

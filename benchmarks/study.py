@@ -135,7 +135,8 @@ def measure_model(world: str, world_dir: str, folder: Path, samples: int, seed: 
     h = score.normalized_entropy(stats.entropy, logits["model"].shape[-1])
     quadrant = tip.load_select().quadrants(h, stats.reverse_kl, torch.ones_like(h, dtype=torch.bool))
     kl = stats.reverse_kl.double()
-    mass = lambda where: float(kl[where].sum() / kl.sum()) if kl.sum() > 0 else None  # noqa: E731  (none: the teacher itself)
+    def mass(where):  # None for the teacher against itself
+        return float(kl[where].sum() / kl.sum()) if kl.sum() > 0 else None
     report["held_out_reverse_kl"] = float(kl.mean())
     report["quadrants"] = {f"Q{q}": {"token_share": float((quadrant == q).double().mean()),
                                      "kl_mass_share": mass(quadrant == q)} for q in range(1, 5)}

@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 import agent
 import facts
@@ -73,8 +72,9 @@ def test_generated_conversations_lay_out_as_the_sft_data(monkeypatch, student):
         assert batch.input_ids[b][real].tolist() == ids
         assert batch.response_mask[b][real].tolist() == learned
         conversation = batch.conversations[b]
-        assert agent.agent_task(p).reward(conversation) == float(not student or p["answer"] == str(
-            facts.solve(*facts.parse_problem(p["problem"]), {**truth, **{x: truth[y] for x, y in confused.items()}})[1]))
+        used = {**truth, **{x: truth[y] for x, y in confused.items()}}
+        right = p["answer"] == str(facts.solve(*facts.parse_problem(p["problem"]), used)[1])
+        assert agent.agent_task(p).reward(conversation) == float(right)
         tokens = tokenizer.convert_ids_to_tokens(batch.input_ids[b][batch.response_mask[b]].tolist())
         positions = agent.agent_mistake_positions(tip.format_prompt(tokenizer, p["problem"]), tokens, TINY)
         names = facts.parse_problem(p["problem"])[0]

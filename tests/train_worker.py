@@ -4,7 +4,8 @@
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR nan_on_rank_1 TRAIN_ARGS...
 
 ddp / fsdp / conversations: one TIP step on this rank's contiguous share of a fixed batch (conversations: with
-tool results inside the responses); saves the weight update and the metrics. held_out: train.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
+tool results inside the responses); saves the weight update and the metrics. held_out:
+train.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
 so the accuracy of the whole set is known; saves it.
 """
 import json
