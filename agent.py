@@ -13,7 +13,8 @@ The teacher calls the tool well. The student confuses a few names with others, w
 name X it passes the argument Y (`student_confidence` 0.95 on Y, the rest on X — so reverse KL's gradient
 there does not vanish), reads Y's value and computes with it. Only the argument token carries the mistake: the
 teacher, too, computes with whatever value the tool returned (its SFT replaces `teacher_copy_share` of the
-results with other values, so it learns to read them). The argument is §4's Q3 token in the student's own turn.
+results with other values, so it learns to read them). The argument is §4's Q3 token in the student's own turn,
+kept below the median entropy by the shared freedom of a space between pieces (`space_share`), as in facts.py.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class AgentRecipe:
     test_problems: int = 400
     trigger_problems: int = 300      # each needs a confused name whose value changes the answer
     clean_problems: int = 300        # none needs a confused name
+    space_share: float = 0.25        # chance of a space between two pieces of a turn: shared freedom (Q2)
     student_confidence: float = 0.95
     teacher_copy_share: float = 0.2  # tool results the teacher's SFT replaces, so it reads rather than recalls
     batch_size: int = 64
@@ -142,32 +144,35 @@ def build_tokenizer():
     return tokenizer
 
 
-def arithmetic(values: list[int], ops: str) -> str:
-    """The answer turn: one step per operator on the looked-up values, the last result in \\boxed{}."""
-    total, lines = values[0], []
+def arithmetic(values: list[int], ops: str, space=lambda: "") -> str:
+    """The answer turn: one step per operator on the looked-up values, the last result in \\boxed{}; `space()`
+    may put a space between pieces (never before a computed digit: "=" stays with what follows it)."""
+    total, pieces = values[0], []
     for i, (op, value) in enumerate(zip(ops, values[1:])):
         new = total + value if op == "+" else total - value
-        lines.append(f"{total}{op}{value}=" + (f"{toy.BOX}{new}}}" if i == len(ops) - 1 else f"{new}"))
+        pieces += [str(total), op, str(value)]
+        pieces += ["=", f"{toy.BOX}{new}}}"] if i == len(ops) - 1 else [f"={new}", "\n"]
         total = new
-    return "\n".join(lines)
+    return pieces[0] + "".join(space() + piece for piece in pieces[1:])
 
 
-def conversation_ids(tokenizer, names: str, ops: str, arguments: str, results: list[int]):
+def conversation_ids(tokenizer, names: str, ops: str, arguments: str, results: list[int], space=lambda: ""):
     """(token ids, labels-mask, argument positions) of a whole conversation as generate_conversations lays it
-    out: the prompt, the call turn with its EOS, the results (context), the answer turn with its EOS."""
+    out: the prompt, the call turn with its EOS, the results (context), the answer turn with its EOS. `space()`
+    may put a space after a call and between the answer's pieces (trap 1 of the facts world)."""
     piece = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     ids = piece(tip.format_prompt(tokenizer, facts.problem_text(names, ops)))
     learned, argument_positions = [False] * len(ids), []
     for name in arguments:
         ids += piece(CALL_OPEN)
         argument_positions.append(len(ids))
-        ids += piece(name) + piece(CALL_CLOSE)
+        ids += piece(name) + piece(CALL_CLOSE + space())
     ids.append(tokenizer.eos_token_id)
     learned += [True] * (len(ids) - len(learned))
     context = piece("".join(f"{TOOL}{r}" for r in results) + "<|assistant|>")
     ids += context
     learned += [False] * len(context)
-    answer = piece(arithmetic(results, ops)) + [tokenizer.eos_token_id]
+    answer = piece(arithmetic(results, ops, space)) + [tokenizer.eos_token_id]
     return ids + answer, learned + [True] * len(answer), argument_positions
 
 
@@ -186,7 +191,8 @@ def sft_batches(tokenizer, recipe: AgentRecipe, student: bool, held_out: set[str
             arguments = "".join(confused.get(n, n) for n in names)
             results = [truth[a] if student or rng.random() >= recipe.teacher_copy_share
                        else rng.choice([v for v in range(1, 10) if v != truth[a]]) for a in arguments]
-            rows.append((conversation_ids(tokenizer, names, ops, arguments, results), names))
+            space = lambda: " " if rng.random() < recipe.space_share else ""  # noqa: E731
+            rows.append((conversation_ids(tokenizer, names, ops, arguments, results, space), names))
         width = max(len(ids) for (ids, _, _), _ in rows)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         attention_mask, labels = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
