@@ -268,9 +268,11 @@ def accuracy_summary(correct: list[list[bool]]) -> dict:
 
 
 def run_benchmark(problems: list[dict], prompts: list[str], generate, samples: int, batch_size: int = 64,
-                  keep_responses: bool = False, show_progress: bool = True) -> tuple[dict, list[dict]]:
+                  keep_responses: bool = False, show_progress: bool = True, grade=None) -> tuple[dict, list[dict]]:
     """mean@k (§7.1) of `samples` graded responses per problem. `generate(prompts, n)` returns len(prompts) * n
-    texts, prompt-major (text i * n + j is sample j of prompts[i]); about `batch_size` responses per call."""
+    texts, prompt-major (text i * n + j is sample j of prompts[i]); about `batch_size` responses per call.
+    `grade(problem, text)` scores a response in [0, 1] (default: its \\boxed{} answer is the problem's)."""
+    grade = grade or (lambda problem, text: is_correct(text, problem["answer"]))
     per_call = max(1, batch_size // samples)
     results = []
     with tqdm(total=len(problems), desc="generating", unit="problem", disable=not show_progress) as bar:
@@ -281,7 +283,7 @@ def run_benchmark(problems: list[dict], prompts: list[str], generate, samples: i
                 raise ValueError(f"the generator returned {len(texts)} texts for {len(chunk)} prompts x {samples}")
             for i, problem in enumerate(chunk):
                 responses = texts[i * samples:(i + 1) * samples]
-                correct = [is_correct(text, problem["answer"]) for text in responses]
+                correct = [grade(problem, text) for text in responses]
                 results.append({**problem, "predictions": [extract_boxed(text) for text in responses],
                                 "correct": correct, "accuracy": sum(correct) / samples,
                                 **({"responses": responses} if keep_responses else {})})
@@ -296,14 +298,16 @@ def model_generator(model, tokenizer, max_new_tokens: int, temperature: float, t
                     switches: dict | None = None):
     """`generate(prompts, n)` for run_benchmark: rollouts y ~ S(·|x) (§3), temperature 0 = greedy, seed + call;
     through `engine` (a rollout.VLLMEngine holding the model's weights) when given, else transformers generate.
-    With `tasks` ({prompt: rollout.Task}) each prompt is a conversation with tools, and its text is all of it."""
+    With `tasks` ({prompt: rollout.Task}) each prompt is a conversation with tools; its response is the last
+    assistant turn."""
     from rollout import generate_conversations, generate_rollouts
     calls = iter(range(1 << 62))
 
     def generate(prompts: list[str], n: int) -> list[str]:
         if tasks is not None:
-            return generate_conversations(model, tokenizer, [tasks[p] for p in prompts], n, max_new_tokens, max_turns,
-                                          temperature, top_p, seed + next(calls), switches, batch_size).texts
+            batch = generate_conversations(model, tokenizer, [tasks[p] for p in prompts], n, max_new_tokens, max_turns,
+                                           temperature, top_p, seed + next(calls), switches, batch_size)
+            return [next(m["content"] for m in reversed(c) if m["role"] == "assistant") for c in batch.conversations]
         if engine is not None:
             return engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed=seed + next(calls)).texts
         return generate_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p,
@@ -481,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     add("--model", default="", help="model to evaluate: folder, hub id, or toy-teacher / facts-student / …")
     add("--benchmark", choices=[*BENCHMARKS, *WORLDS], help="named benchmark (hub datasets; a built-in world = "
         "its test split)")
-    add("--data", default="", help="local .jsonl/.parquet with problem and answer columns (instead of the hub)")
+    add("--data", default="", help="local .jsonl/.parquet with problem and answer columns (instead of the hub), "
+        "or deepplanning:PATH (the held-out 20 %% of its tasks, scored by the rule-based reward)")
     add("--samples", type=int, default=None, help="samples per problem k of mean@k (default 16; taxonomy: 4)")
     add("--greedy", action="store_true", help="greedy decoding, one sample: pass@1")
     add("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
@@ -543,31 +548,44 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not args.model or not (args.benchmark or args.data):
             parser.error("pass --model and --benchmark (or --data), or --taxonomy")
-        problems = load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
+        planning = args.data.startswith("deepplanning:")
+        if planning:  # the held-out 20 % of DeepPlanning's tasks, each scored by its rule-based reward
+            plans = importlib.import_module("deepplanning").deepplanning_tasks(args.data.split(":", 1)[1], "test")
+            plans = plans[:args.problems or None]
+            problems = [{"problem": f"DeepPlanning test task {k}", "answer": None, "id": k} for k in range(len(plans))]
+        else:
+            problems = load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
         import rollout
         if args.engine == "vllm":
             rollout.require_vllm()  # before the model loads
         model, tokenizer = load_model(args.model, args.device, args.dtype, args.world_dir)
         bare = args.benchmark in WORLDS  # the worlds' models were trained on bare problems, whatever the source
         max_new_tokens = args.max_new_tokens or (48 if bare else 8192)
-        prompts, engine = benchmark_prompts(problems, tokenizer, bare, switches), None
+        prompts, engine, grade = benchmark_prompts(problems, tokenizer, bare, switches), None, None
+        tasks = world_tasks(args.benchmark, problems, tokenizer, switches) if bare else None
+        if planning:
+            config = tip.Config(prompts=args.data, max_prompt_len=1 << 30, chat_template_kwargs=args.chat_template_kwargs)
+            prompts = [p["prompt"] for p in task_prompts(config, tokenizer, plans)]
+            tasks = dict(zip(prompts, plans))
+
+            def plan_reward(problem, text):  # the plan is the last assistant turn
+                return plans[problem["id"]].reward([{"role": "assistant", "content": text}])
+            grade = plan_reward
+        if tasks and args.engine == "vllm":
+            raise tip.InputError("--engine vllm samples single-turn prompts; conversations with tools use --engine hf")
         if args.engine == "vllm":
             longest = max(map(len, tip.encode_prompts(tokenizer, prompts)))
             engine = rollout.VLLMEngine(model, tokenizer, longest + max_new_tokens, args.gpu_memory_utilization,
                                         args.dtype, args.seed)
-        tasks = world_tasks(args.benchmark, problems, tokenizer, switches) if bare else None
-        if tasks and engine is not None:
-            raise tip.InputError(f"--engine vllm samples single-turn prompts; the {args.benchmark} world's "
-                                 "conversations with tools use --engine hf")
         generate = model_generator(model, tokenizer, max_new_tokens, temperature, args.top_p, args.seed,
                                    args.batch_size, engine, tasks, switches=switches)
         try:
             summary, results = run_benchmark(problems, prompts, generate, samples, args.batch_size,
-                                             args.save_responses)
+                                             args.save_responses, grade=grade)
         finally:
             if engine is not None:
                 engine.close()
-        label = args.benchmark or Path(args.data).stem
+        label = args.benchmark or ("deepplanning" if planning else Path(args.data).stem)
         summary = {"benchmark": label, "model": args.model, "metric": "pass@1 (greedy)" if args.greedy
                    else f"mean@{samples}", **summary, "data": args.data or None, "temperature": temperature,
                    "top_p": args.top_p, "max_new_tokens": max_new_tokens, "seed": args.seed}

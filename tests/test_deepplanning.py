@@ -314,3 +314,24 @@ def test_train_reads_deepplanning_tasks_as_conversations(tmp_path):
     with pytest.raises(tip.InputError, match="raise --max-prompt-len"):
         evaluate.load_prompts(tip.Config(prompts=f"deepplanning:{FIXTURE}", max_prompt_len=5,
                                          chat_template_kwargs="{}"), tokenizer)
+
+
+def test_evaluate_scores_the_held_out_tasks_by_their_reward(tmp_path, monkeypatch):
+    """evaluate.py --data deepplanning:PATH samples each held-out task as a conversation with tools and scores
+    its last assistant turn with the task's reward (a stand-in reward of 0.25 here: the mean must be it)."""
+    import evaluate
+    from conftest import char_tokenizer, tiny_causal_lm
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'][:40] }}<|im_end|>"
+                               "\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tiny_causal_lm(tokenizer, 16, layers=1).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    seen = []
+    monkeypatch.setattr(deepplanning, "deepplanning_reward", lambda meta, db, conversation: seen.append(
+        conversation) or 0.25)
+    evaluate.main(["--model", str(tmp_path / "model"), "--data", f"deepplanning:{FIXTURE}", "--samples", "2",
+                   "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "eval.json")])
+    summary = json.loads((tmp_path / "eval.json").read_text())["summary"]
+    held_out = len(deepplanning.deepplanning_tasks(str(FIXTURE), "test"))
+    assert summary["benchmark"] == "deepplanning" and summary["problems"] == held_out
+    assert summary["accuracy"] == pytest.approx(0.25) and len(seen) == 2 * held_out
