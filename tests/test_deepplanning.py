@@ -1,4 +1,5 @@
-"""DeepPlanning environment: tools on a tiny fixture database in the benchmark's layout, splits, reward checks."""
+"""DeepPlanning environment: tools on a tiny fixture database in the benchmark's layout, splits, reward checks
+(deepplanning_checks.py)."""
 import copy
 import json
 import shutil
@@ -8,6 +9,7 @@ import pytest
 from transformers.utils import get_json_schema
 
 import deepplanning
+import deepplanning_checks
 import rollout
 import tip
 
@@ -267,17 +269,17 @@ def score(plan: str, meta: dict | None = None) -> tuple[float, dict]:
                     {"role": "tool", "content": "Error"},
                     {"role": "assistant", "content": f"<think>a plan</think>Here it is.\n<plan>{plan}</plan>"}]
     meta = meta or META
-    checks = deepplanning.plan_checks(meta, db, *deepplanning.parse_plan(plan))
+    checks = deepplanning_checks.plan_checks(meta, db, *deepplanning_checks.parse_plan(plan))
     return deepplanning.deepplanning_reward(meta, db, conversation), checks
 
 
 def test_a_plan_that_satisfies_every_check_scores_1():
     reward, checks = score(GOOD_PLAN)
-    commonsense = {name for names in deepplanning.DIMENSIONS.values() for name in names}
+    commonsense = {name for names in deepplanning_checks.DIMENSIONS.values() for name in names}
     assert set(checks) == commonsense | set(META["hard_constraints"])
     assert [name for name, ok in checks.items() if not ok] == [] and reward == 1.0
-    days, total = deepplanning.parse_plan(GOOD_PLAN)
-    assert (len(days), total, deepplanning.plan_cost(days, META)) == (2, 2332.0, 2332.0)
+    days, total = deepplanning_checks.parse_plan(GOOD_PLAN)
+    assert (len(days), total, deepplanning_checks.plan_cost(days, META)) == (2, 2332.0, 2332.0)
     markdown = GOOD_PLAN.replace("Day 1:", "**Day 1:**").replace("Total Estimated Budget: 2332 RMB",
                                                                   "**Total Estimated Budget: ¥2,332**")
     assert score(markdown)[0] == 1.0
