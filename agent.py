@@ -10,7 +10,7 @@ reads the results, then writes the arithmetic ending in \\boxed{answer}:
     assistant  7+3=10\\n10-2=\\boxed{8}                                                       (sampled)
 
 The teacher calls the tool well. The student confuses a few names with others, with confidence: for a confused
-name X it passes the argument Y (`student_confidence` 0.95 on Y, the rest on X — so reverse KL's gradient
+name X it passes the argument Y (`student_confidence` 0.99 on Y, the rest on X — so reverse KL's gradient
 there does not vanish), reads Y's value and computes with it. Only the argument token carries the mistake: the
 teacher, too, computes with whatever value the tool returned (its SFT replaces `teacher_copy_share` of the
 results with other values, so it learns to read them). The argument is §4's Q3 token in the student's own turn,
@@ -60,7 +60,7 @@ class AgentRecipe:
     trigger_problems: int = 300      # each needs a confused name whose value changes the answer
     clean_problems: int = 300        # none needs a confused name
     space_share: float = 0.25        # chance of a space between two pieces of a turn: shared freedom (Q2)
-    student_confidence: float = 0.95
+    student_confidence: float = 0.99  # on the wrong argument: its entropy (~0.08 nats) must stay below the median
     teacher_copy_share: float = 0.2  # tool results the teacher's SFT replaces, so it reads rather than recalls
     batch_size: int = 64
     head_dim: int = 32
