@@ -272,17 +272,17 @@ def markdown(rows: list[dict], splits: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, world: str) -> bool:
-    """Accuracy on test and on trigger against the kept fraction, a line per rule (reverse KL), error bars over
-    seeds; the other losses as single points. False when matplotlib is not installed."""
+def plot(rows: list[dict], path: Path, world: str, splits: list[str]) -> bool:
+    """Accuracy on each held-out split against the kept fraction, a line per rule (reverse KL), error bars over
+    seeds; the other losses and the exclusion control as single points. False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for axis, split in zip(axes, ("test", "trigger")):
+    figure, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.2), sharex=True)
+    for axis, split in zip(axes, splits):
         lines: dict[str, list[dict]] = {}
         for row in rows:
             s = row["setting"]
@@ -300,7 +300,7 @@ def plot(rows: list[dict], path: Path, world: str) -> bool:
         axis.set_xlabel("kept fraction of response tokens")
         axis.set_ylabel("mean@k accuracy (%)")
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[-1].legend(fontsize=7, loc="best")
     figure.tight_layout()
     tip.write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
     plt.close(figure)
@@ -320,7 +320,7 @@ def write_outputs(args, settings: list[Setting]) -> list[dict]:
                                              "command": "python benchmarks/study.py " + " ".join(sys.argv[1:]),
                                              "rows": rows, "runs": runs})
     tip.write_atomically(out / "study.md", lambda tmp: tmp.write_text(table))
-    plot(rows, out / "study.png", args.world)
+    plot(rows, out / "study.png", args.world, splits)
     print(table)
     return rows
 
