@@ -258,7 +258,8 @@ def markdown(rows: list[dict], splits: list[str]) -> str:
         mean, std = row.get(key), row.get(f"{key}_std")
         return "-" if mean is None else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
     head = ["rule", "ρ", "loss", "seeds", "kept %"] + [f"{s} acc %" for s in splits] + [
-        "held-out KL", "mistakes kept %", "kept that are mistakes %", "mistakes / rollout after", "peak GB", "min"]
+        "held-out KL", "mistakes kept %", "kept that are mistakes %", "mistakes / rollout after",
+        "mistake tokens not the teacher's choice after %", "peak GB", "min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         s = row["setting"]
@@ -268,6 +269,7 @@ def markdown(rows: list[dict], splits: list[str]) -> str:
             + [cell(row, f"accuracy_{split}") for split in splits]
             + [cell(row, "held_out_reverse_kl", 1, 4), cell(row, "mistake_kept_share"),
                cell(row, "kept_that_are_mistakes"), cell(row, "mistakes_per_rollout_after", 1, 2),
+               cell(row, "mistakes_not_teacher_choice_after"),
                f"{row['peak_memory_gb']:.2f}", f"{row['minutes']:.1f}"]) + " |")
     return "\n".join(lines) + "\n"
 
