@@ -114,6 +114,18 @@ MUTANTS = [
            "[owner[m.end() - 1] for m in", ("tests/test_facts.py",)),
     Mutant("trigger problems need no carry", "toy.py", '(name != "trigger" or needs_carry(operands, ops))',
            '(name != "trigger" or not needs_carry(operands, ops))', ("tests/test_toy.py",)),
+    # conversations with tools (rollout.py), the agent world, DeepPlanning, the study
+    Mutant("tool results are trained on", "rollout.py", "sampled[b] += [False] * len(glue)",
+           "sampled[b] += [True] * len(glue)", ("tests/test_conversations.py",)),
+    Mutant("no turn limit", "rollout.py", "if not calls or turn == max_turns - 1:", "if not calls:",
+           ("tests/test_conversations.py",)),
+    Mutant("the agent's mistake is the call token, not its argument", "agent.py",
+           "calls = [i + 1 for i, token in", "calls = [i for i, token in", ("tests/test_agent.py",)),
+    Mutant("DeepPlanning trains on 20 % and holds out 80 %", "deepplanning.py", "cut = len(order) * 4 // 5",
+           "cut = len(order) // 5", ("tests/test_deepplanning.py",)),
+    Mutant("the study runs a finished run again", "benchmarks/study.py",
+           'for seed in range(args.seeds) if f"{s.name}-s{seed}" not in done]', "for seed in range(args.seeds)]",
+           ("tests/test_study.py", "-k", "resumes")),
 ]
 
 
