@@ -561,7 +561,8 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_model(args.model, args.device, args.dtype, args.world_dir)
         bare = args.benchmark in WORLDS  # the worlds' models were trained on bare problems, whatever the source
         max_new_tokens = args.max_new_tokens or (48 if bare else 8192)
-        prompts, engine, grade = benchmark_prompts(problems, tokenizer, bare, switches), None, None
+        prompts = [] if planning else benchmark_prompts(problems, tokenizer, bare, switches)
+        engine, grade = None, None
         tasks = world_tasks(args.benchmark, problems, tokenizer, switches) if bare else None
         if planning:
             config = tip.Config(prompts=args.data, max_prompt_len=1 << 30, chat_template_kwargs=args.chat_template_kwargs)

@@ -164,8 +164,6 @@ def sample_tokens(model, tokenizer, encoded: list[list[int]], n: int, max_new_to
     return [row for r in responses for row in r.tolist()]
 
 
-
-
 # ---------------------------------------------------------------- conversations with tools (§7, agentic)
 
 @dataclass

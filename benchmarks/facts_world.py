@@ -25,6 +25,7 @@ import evaluate  # noqa: E402
 import facts  # noqa: E402
 import score  # noqa: E402
 import tip  # noqa: E402
+import train  # noqa: E402  (its response_hidden_states: the scored positions of a rollout)
 from rollout import generate_rollouts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,7 +53,7 @@ def taxonomy(student, teacher, tokenizer, problems: list[dict], samples: int, se
     prompts = evaluate.benchmark_prompts(problems, tokenizer, bare=True)
     rollouts = generate_rollouts(student, tokenizer, prompts, samples, MAX_NEW, 1.0, 1.0, seed=seed, batch_size=512)
     scored = rollouts.response_mask[:, 1:]  # the hidden state at p predicts the token at p + 1
-    logits = {role: tip.final_hidden_states(model, rollouts.input_ids, rollouts.attention_mask)[:, :-1][scored]
+    logits = {role: train.response_hidden_states(model, rollouts, slice(None))
               @ tip.lm_head_weight(model).T for role, model in (("student", student), ("teacher", teacher))}
     stats = score.token_stats(logits["student"], logits["teacher"])
     h = score.normalized_entropy(stats.entropy, logits["student"].shape[-1])

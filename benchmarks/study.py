@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 import evaluate  # noqa: E402  (after the path fix, so the script runs from any folder)
 import score  # noqa: E402
 import tip  # noqa: E402
+import train  # noqa: E402  (its response_hidden_states: the scored positions of a rollout)
 from rollout import generate_conversations, generate_rollouts  # noqa: E402
 
 MAX_NEW = tip.PRESETS["toy"]["max_response_len"]  # the length the worlds train at
@@ -129,7 +130,7 @@ def measure_model(world: str, world_dir: str, folder: Path, samples: int, seed: 
                                        seed + 1, batch_size=512) if tasks else
                 generate_rollouts(model, tokenizer, prompts, 1, MAX_NEW, 1.0, 1.0, seed=seed + 1, batch_size=512))
     scored = rollouts.response_mask[:, 1:]  # the hidden state at p predicts the token at p + 1
-    logits = {role: tip.final_hidden_states(m, rollouts.input_ids, rollouts.attention_mask)[:, :-1][scored]
+    logits = {role: train.response_hidden_states(m, rollouts, slice(None))
               @ tip.lm_head_weight(m).T for role, m in (("model", model), ("teacher", teacher))}
     stats = score.token_stats(logits["model"], logits["teacher"])
     h = score.normalized_entropy(stats.entropy, logits["model"].shape[-1])
@@ -176,7 +177,6 @@ def world_report(args) -> dict:
 
 def run_one(setting: Setting, seed: int, args) -> dict:
     """Train one run, measure it, write <out>/runs/<name>.json (atomically) and delete its training folder."""
-    import train
     name = f"{setting.name}-s{seed}"
     run_dir = Path(args.work_dir) / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a run stopped half-way starts again: it is complete or absent

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
 import evaluate  # noqa: E402  (after the path fix, so the script runs from any folder)
 import score  # noqa: E402
 import tip  # noqa: E402
+import train  # noqa: E402  (its response_hidden_states: the scored positions of a rollout)
 import toy  # noqa: E402
 from rollout import generate_rollouts  # noqa: E402
 
@@ -66,8 +67,7 @@ def measure(folder: Path, samples: int = 1, seed: int = 0, log=print) -> dict:
 
     rollouts = generate_rollouts(models["student"], tokenizer, prompts["test"], samples, max_new, 1.0, 1.0,
                                  seed=seed + 1)
-    scored = rollouts.response_mask[:, 1:]  # the hidden state at p predicts the token at p + 1
-    logits = {role: tip.final_hidden_states(model, rollouts.input_ids, rollouts.attention_mask)[:, :-1][scored]
+    logits = {role: train.response_hidden_states(model, rollouts, slice(None))
               @ tip.lm_head_weight(model).T for role, model in models.items()}
     stats = score.token_stats(logits["student"], logits["teacher"])
     gradient_norm = score.divergence_and_grad(logits["student"], logits["teacher"])[1].double().norm(dim=-1)
