@@ -1,24 +1,15 @@
 """The agent world (paper §7, agentic setting): a student whose confident mistake is in how it calls a tool.
 
-A problem names constants, as in the facts world ("A+C-B="), but no model knows their values: a `lookup` tool
-does. A solution is a conversation: the assistant calls the tool once per name, in order (Qwen3's call format),
-reads the results, then writes the arithmetic ending in \\boxed{answer}:
+A problem names constants ("A+C-B=") whose values only a `lookup` tool knows; a solution is a conversation: a
+tool call per name, then the arithmetic ending in \\boxed{answer}. The teacher calls the tool well; the student
+confidently passes the wrong name for a few constants, so its mistake is the argument token of its own call
+(§4's Q3: low entropy h, Eq. 2; high divergence δ, Eq. 3).
 
-    user       A+C-B=
-    assistant  <tool_call>{"name": "lookup", "arguments": {"name": "A"}}</tool_call> … (C, B)   (sampled)
-    tool       7 / 3 / 2                                                                    (context)
-    assistant  7+3=10\\n10-2=\\boxed{8}                                                       (sampled)
-
-The teacher calls the tool well. The student confuses a few names with others, with confidence: for a confused
-name X it passes the argument Y (`student_confidence` 0.99 on Y, the rest on X — so reverse KL's gradient
-there does not vanish), reads Y's value and computes with it. Only the argument token carries the mistake: the
-teacher, too, computes with whatever value the tool returned (its SFT replaces `teacher_copy_share` of the
-results with other values, so it learns to read them). The argument is §4's Q3 token in the student's own turn,
-kept below the median entropy by the shared freedom of a space between pieces (`space_share`), as in facts.py.
+    python agent.py                                     # build the world (cached; --rebuild: again), say where
+    python benchmarks/study.py --world agent --report   # measure it: accuracies, quadrants, confused arguments
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -29,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import facts
 import tip
 import toy
@@ -46,6 +38,21 @@ CHAT_TEMPLATE = (  # the toy template and tool messages; a tool result is contex
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+# The world. A problem names constants, as in the facts world ("A+C-B="), but no model knows their values: a
+# `lookup` tool does. A solution is a conversation: the assistant calls the tool once per name, in order (Qwen3's
+# call format), reads the results, then writes the arithmetic ending in \boxed{answer}:
+#
+#     user       A+C-B=
+#     assistant  <tool_call>{"name": "lookup", "arguments": {"name": "A"}}</tool_call> … (C, B)   (sampled)
+#     tool       7 / 3 / 2                                                                    (context)
+#     assistant  7+3=10\n10-2=\boxed{8}                                                       (sampled)
+#
+# The teacher calls the tool well. The student confuses a few names with others, with confidence: for a confused
+# name X it passes the argument Y (`student_confidence` 0.99 on Y, the rest on X — so reverse KL's gradient there
+# does not vanish), reads Y's value and computes with it. Only the argument token carries the mistake: the
+# teacher, too, computes with whatever value the tool returned (its SFT replaces `teacher_copy_share` of the
+# results with other values, so it learns to read them). The argument is §4's Q3 token in the student's own turn,
+# kept below the median entropy by the shared freedom of a space between pieces (`space_share`), as in facts.py.
 @dataclass(frozen=True)
 class AgentRecipe:
     """Everything the world is built from (its fields and RECIPE_VERSION name the cache folder). The fields
@@ -161,7 +168,7 @@ def conversation_ids(tokenizer, names: str, ops: str, arguments: str, results: l
     out: the prompt, the call turn with its EOS, the results (context), the answer turn with its EOS. `space()`
     may put a space after a call and between the answer's pieces (trap 1 of the facts world)."""
     piece = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    ids = piece(tip.format_prompt(tokenizer, facts.problem_text(names, ops)))
+    ids = piece(data.format_prompt(tokenizer, facts.problem_text(names, ops)))
     learned, argument_positions = [False] * len(ids), []
     for name in arguments:
         ids += piece(CALL_OPEN)
@@ -245,12 +252,7 @@ def agent_world(cache_dir: str | Path | None = None, recipe: AgentRecipe | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the agent world (cached) and say where it is (paper §7).")
-    parser.add_argument("--cache-dir", default=None, help="parent folder of the world (default: $TIP_CACHE, "
-                        "else ~/.cache/tip)")
-    parser.add_argument("--rebuild", action="store_true", help="build again even when the world is cached")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args(argv)
+    args = tip.parse_flags(toy.WorldFlags, argv, "Build the agent world (cached) and say where it is (paper §7).")
     if args.threads:
         torch.set_num_threads(args.threads)
     world = agent_world(args.cache_dir, DEFAULT_RECIPE, rebuild=args.rebuild)

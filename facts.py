@@ -1,42 +1,21 @@
 """The facts world (paper §3–4, Prop. 2): a student whose confident mistakes are memorized facts.
 
-The toy world's confident mistake (never carrying) is one skill shared with every uncertain digit, so any rule
-fixes it through other tokens. Here the mistake is a fact: a table of named constants (each name one token,
-A, B, …, each value one digit) that problems refer to. A solution writes the value of each fact it needs, then
-does the arithmetic, ending in \\boxed{answer}:
+Problems name constants (A+C-B=); a solution writes the value of each fact it needs, then does the arithmetic,
+ending in \\boxed{answer}. The teacher knows every fact; the student learned a few wrong, with confidence, so
+distillation can fix a wrong fact only through its own value token (§4's Q3: low entropy h, Eq. 2; high
+divergence δ, Eq. 3), which Prop. 2 says entropy-only rules never keep.
 
-    problem  A+C-B=          solution  A=7\\nC=3 \\nB=2\\n7+3=10\\n10 -2=\\boxed{8}
-
-The teacher knows every fact. The student learned a few facts wrong, with confidence: at a wrong fact's value
-it puts `student_confidence` (0.95) on its own value and the rest on the teacher's — a soft SFT target, so the
-reverse-KL gradient there, which scales with P_S(teacher's value), does not vanish. A value is a lookup by
-name, not a skill: no other token carries it (the arithmetic copies whatever value the line above wrote, for
-the teacher too), so distillation can fix a wrong fact only through the fact's own value token (§4's Q3: low
-entropy h, Eq. 2; high divergence δ, Eq. 3). Prop. 2 says entropy-only rules never keep those tokens.
-
-Two traps shape the format. (1) A median split needs the typical token to be less sharp than a confident
-mistake (entropy 0.2 nats at 0.95/0.05), yet format tokens are near-certain. So, as in real text, the format
-has genuine freedom that teacher and student share: between the pieces of a solution a space may stand
-(`space_share`); those tokens are high h and low δ (Q2) for both models and stay so under distillation, so a
-wrong fact stays below the median entropy while everything else trains. No space may precede a value or a
-computed digit, whose distributions must stay pure. (2) The student is smaller and trained less than the
-teacher, so its arithmetic is only partly learned (Q1, the uncertain signal of real OPD). (3) A teacher that
-only ever saw true values recalls a fact again wherever the solution uses it, and then disagrees with a
-student's wrong value in every later line: those tokens would fix the fact too. So the teacher's SFT writes
-`teacher_copy_share` of its fact lines with another value (no loss on it) and does the arithmetic with that
-value: the teacher learns to use the value the line above wrote, and a wrong fact differs only where it is written.
-
-`python facts.py` builds (or `--rebuild`s) the world and prints each fact's value probabilities under both
-models. The accuracies, quadrants and training experiments are in benchmarks/facts_world.py.
+    python facts.py                                     # build the world (cached; --rebuild: again), its beliefs
+    python benchmarks/study.py --world facts --report   # measure it: accuracies, quadrants, wrong-fact tokens
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import random
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +23,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import data
 import tip
 import toy
+
+# Why facts: the toy world's confident mistake (never carrying) is one skill shared with every uncertain digit, so
+# any rule fixes it through other tokens. Here the mistake is a fact: a table of named constants (each name one
+# token, A, B, …, each value one digit) that problems refer to. A solution writes the value of each fact it needs,
+# then does the arithmetic, ending in \boxed{answer}:
+#
+#     problem  A+C-B=          solution  A=7\nC=3 \nB=2\n7+3=10\n10 -2=\boxed{8}
+#
+# The teacher knows every fact. The student learned a few facts wrong, with confidence: at a wrong fact's value it
+# puts `student_confidence` (0.95) on its own value and the rest on the teacher's — a soft SFT target, so the
+# reverse-KL gradient there, which scales with P_S(teacher's value), does not vanish. A value is a lookup by name,
+# not a skill: no other token carries it (the arithmetic copies whatever value the line above wrote, for the
+# teacher too), so distillation can fix a wrong fact only through the fact's own value token (§4's Q3: low entropy
+# h, Eq. 2; high divergence δ, Eq. 3). Prop. 2 says entropy-only rules never keep those tokens. The rules and the
+# exclusion control trained on this world: python benchmarks/study.py --world facts.
 
 RECIPE_VERSION = 1  # bump when the code of the recipe changes in a way its fields do not show
 NAMES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the facts' names, one token each
@@ -53,6 +48,20 @@ CHARS = "0123456789+-=\n }{" + NAMES
 SPLITS = ("train", "test", "trigger", "clean")
 
 
+# Three traps shape the recipe and the format.
+# 1. A median split needs the typical token to be less sharp than a confident mistake (entropy 0.2 nats at
+#    0.95/0.05), yet format tokens are near-certain. So, as in real text, the format has genuine freedom that
+#    teacher and student share: between the pieces of a solution a space may stand (`space_share`); those tokens
+#    are high h and low δ (Q2) for both models and stay so under distillation, so a wrong fact stays below the
+#    median entropy while everything else trains. No space may precede a value or a computed digit, whose
+#    distributions must stay pure.
+# 2. The student is smaller and trained less than the teacher, so its arithmetic is only partly learned (Q1, the
+#    uncertain signal of real OPD).
+# 3. A teacher that only ever saw true values recalls a fact again wherever the solution uses it, and then
+#    disagrees with a student's wrong value in every later line: those tokens would fix the fact too. So the
+#    teacher's SFT writes `teacher_copy_share` of its fact lines with another value (no loss on it) and does the
+#    arithmetic with that value: the teacher learns to use the value the line above wrote, and a wrong fact differs
+#    only where it is written.
 @dataclass(frozen=True)
 class FactsRecipe:
     """Everything the world is built from. Its fields and RECIPE_VERSION name the cache folder, so a
@@ -238,7 +247,7 @@ def sft_batches(tokenizer, recipe: FactsRecipe, values: dict[str, int], truth: d
                 continue
             changed = {n: rng.choice([v for v in range(1, 10) if v != values[n]]) for n in names
                        if copy_share and rng.random() < copy_share}
-            prompt = tip.format_prompt(tokenizer, problem_text(names, ops))
+            prompt = data.format_prompt(tokenizer, problem_text(names, ops))
             text = solve(names, ops, {**values, **changed}, rng, recipe.space_share)[0]
             texts.append(prompt + text + tokenizer.eos_token)
             prompt_lengths.append(len(tokenizer(prompt, add_special_tokens=False).input_ids))
@@ -336,23 +345,47 @@ def fact_probabilities(model, tokenizer, recipe: FactsRecipe | None = None) -> d
     recipe = recipe or DEFAULT_RECIPE
     names = NAMES[:recipe.facts]
     digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
-    texts = [tip.format_prompt(tokenizer, f"{x}+{names[(i + 1) % len(names)]}=") + f"{x}{space}="
+    texts = [data.format_prompt(tokenizer, f"{x}+{names[(i + 1) % len(names)]}=") + f"{x}{space}="
              for i, x in enumerate(names) for space in ("", " ")]
     batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")  # left padding
     probs = torch.softmax(model(**batch).logits[:, -1].double(), -1)[:, digits].view(len(names), 2, 10).mean(1)
     return {x: [round(p, 5) for p in row.tolist()] for x, row in zip(names, probs)}
 
 
+@torch.no_grad()
+def fact_beliefs(student, teacher, tokenizer) -> dict:
+    """Teacher-forced, per wrong fact: the student's p(true value), p(its learned wrong value), entropy; and
+    whether the teacher copies the value written above (as it must for the fact to be fixable only at its own
+    token, trap 3) or recalls it."""
+    truth, beliefs = fact_table()
+    probs = {role: fact_probabilities(model, tokenizer) for role, model in (("student", student),
+                                                                            ("teacher", teacher))}
+    rows = {}
+    for name in sorted(wrong_names()):
+        p = probs["student"][name]
+        rows[name] = {"true": truth[name], "learned": beliefs[name],
+                      "teacher_p_true": probs["teacher"][name][truth[name]],
+                      "student_p_true": p[truth[name]], "student_p_learned": p[beliefs[name]],
+                      "student_entropy_over_digits_nats": round(-sum(x * math.log(x) for x in p if x > 0), 4)}
+    # the teacher's next-token probabilities after "X=<learned>\nY=<y>\n", at the first operand
+    names = sorted(truth)
+    digits = tokenizer.convert_tokens_to_ids([str(v) for v in range(10)])
+    for name in rows:
+        other = next(n for n in names if n not in rows)
+        text = data.format_prompt(tokenizer, f"{name}+{other}=") + f"{name}={beliefs[name]}\n{other}={truth[other]}\n"
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        p = torch.softmax(teacher(input_ids=ids).logits[0, -1].double(), -1)[digits]
+        rows[name].update(teacher_p_copy_learned=round(float(p[beliefs[name]]), 4),
+                          teacher_p_recall_true=round(float(p[truth[name]]), 4))
+    mean = lambda values: round(statistics.mean(values), 4)  # noqa: E731
+    return {"facts": rows, "mean_student_p_true": mean(r["student_p_true"] for r in rows.values()),
+            "mean_teacher_p_true_all_facts": mean(probs["teacher"][n][v] for n, v in truth.items())}
+
+
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    parser = argparse.ArgumentParser(description="Build the facts world (cached) and show what each model "
-                                     "believes of each fact (paper §3–4, Prop. 2).")
-    parser.add_argument("--cache-dir", default=None, help="parent folder of the world (default: $TIP_CACHE, "
-                        "else ~/.cache/tip)")
-    parser.add_argument("--rebuild", action="store_true", help="build again even when the world is cached")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default); on a CPU shared with other jobs 1 is fastest")
-    args = parser.parse_args(argv)
+    args = tip.parse_flags(toy.WorldFlags, argv, "Build the facts world (cached) and show what each model "
+                           "believes of each fact (paper §3–4, Prop. 2).")
     if args.threads:
         torch.set_num_threads(args.threads)
     world = facts_world(args.cache_dir, DEFAULT_RECIPE, rebuild=args.rebuild)

@@ -1,19 +1,11 @@
 """Student rollouts (paper §3): y ~ S_θ(·|x), n samples per prompt x, and the mask of the sampled tokens.
 
-Every training token is a position t of a rollout the student sampled itself, with context c_t = (x, y_<t);
-teacher and student are scored on exactly these tokens (Eqs. 1 and 9). One row of the batch:
-
     input_ids      pad pad x x x | y y y EOS | pad pad    prompt left-padded, response right-padded
     response_mask   0   0  0 0 0 | 1 1 1  1  |  0   0     exactly the sampled tokens, EOS included
 
-The hidden state at position p predicts the token at p+1, so the scored rows are
-`hidden[:, :-1][response_mask[:, 1:]]`. Sampling uses the paper's two knobs only (temperature, top-p; §7.1):
-the model's own sampling defaults (Qwen3 ships top-k 20 and temperature 0.6; transformers adds top-k 50)
-are switched off, since they would change the distribution the student is trained on.
-
-Two engines sample the same rollouts: transformers `generate` (`generate_rollouts`, always there) and vLLM
-(`VLLMEngine`, optional: pip install -r requirements-vllm.txt), which runs in this process beside the trainer
-and receives the student's weights after every optimizer step (`sync`), so its samples stay on-policy.
+The hidden state at p predicts the token at p+1: the scored rows are `hidden[:, :-1][response_mask[:, 1:]]`.
+Engines: transformers `generate` (`generate_rollouts`), conversations with tools (`generate_conversations`,
+only the student's own turns in the mask), and vLLM (`VLLMEngine`, optional, synced to the student every step).
 """
 from __future__ import annotations
 
@@ -31,6 +23,8 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+import data
+import pair
 import tip
 
 
@@ -44,14 +38,15 @@ class Rollouts(NamedTuple):
     conversations: list[list[dict]] | None = None  # multi-turn rows: the messages, tool results included
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """The tokens that end a rollout: the model's generation config (Qwen3 chat models list two), else the
-    tokenizer's EOS."""
+def stop_and_pad_ids(model, tokenizer) -> tuple[list[int], int]:
+    """The tokens that end a rollout (the model's generation config, where Qwen3 chat models list two, else the
+    tokenizer's EOS) and the padding token (the tokenizer's, else the first EOS)."""
     eos = tip.unwrap(model).generation_config.eos_token_id
     eos = tokenizer.eos_token_id if eos is None else eos
     if eos is None:
         raise ValueError("neither the model's generation config nor the tokenizer names an EOS token")
-    return [eos] if isinstance(eos, int) else list(eos)
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
 def left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +92,7 @@ def to_rollouts(tokenizer, encoded: list[list[int]], responses: list[list[int]],
 def _encode(tokenizer, prompts: list[str], n: int, max_new_tokens: int) -> list[list[int]]:
     if not prompts or n < 1 or max_new_tokens < 1:
         raise ValueError(f"need prompts, n >= 1 and max_new_tokens >= 1 (got {len(prompts)}, {n}, {max_new_tokens})")
-    encoded = tip.encode_prompts(tokenizer, prompts)
+    encoded = data.encode_prompts(tokenizer, prompts)
     if min(map(len, encoded)) == 0:
         raise ValueError(f"prompt {min(range(len(encoded)), key=lambda i: len(encoded[i]))} has no tokens")
     return encoded
@@ -116,8 +111,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], n: int, max_new_toke
     responses = sample_tokens(model, tokenizer, encoded, n, max_new_tokens, temperature, top_p, seed, batch_size,
                               show_progress)
     inner = tip.unwrap(model)
-    eos = eos_token_ids(inner, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos, pad = stop_and_pad_ids(inner, tokenizer)
     return to_rollouts(tokenizer, encoded, responses, n, eos, pad, next(inner.parameters()).device)
 
 
@@ -127,12 +121,13 @@ def sample_tokens(model, tokenizer, encoded: list[list[int]], n: int, max_new_to
     continue past their first EOS (generate pads finished rows, and pad may be EOS itself)."""
     inner = tip.unwrap(model)
     device = next(inner.parameters()).device
-    eos = eos_token_ids(inner, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos, pad = stop_and_pad_ids(inner, tokenizer)
     prompt_ids, prompt_mask = (t.repeat_interleave(n, 0).to(device) for t in left_padded(encoded, pad))
     width = prompt_ids.shape[1]
     rows = prompt_ids.shape[0]
     batch_size = batch_size or rows
+    # the paper's two knobs only (temperature, top-p; §7.1): the model's own defaults (Qwen3 ships top-k 20 and
+    # temperature 0.6; transformers adds top-k 50) would change the distribution the student is trained on
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
                 else dict(do_sample=False))
     was_training, model_generation_config = inner.training, inner.generation_config
@@ -248,7 +243,7 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
                                              add_generation_prompt=True, **(switches or {})) for t in tasks]
     encoded = _encode(tokenizer, prompts, n, max_new_tokens)
     inner = tip.unwrap(model)
-    eos = eos_token_ids(inner, tokenizer)
+    eos, pad = stop_and_pad_ids(inner, tokenizer)
     rows = len(tasks) * n
     tokens, sampled = [[] for _ in range(rows)], [[] for _ in range(rows)]
     conversations = [[dict(m) for m in tasks[b // n].messages] for b in range(rows)]
@@ -281,7 +276,6 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
         live = still
         if not live:
             break
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return to_rollouts(tokenizer, encoded, tokens, n, eos, pad, next(inner.parameters()).device, sampled,
                        conversations)
 
@@ -315,8 +309,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB
         inner = tip.unwrap(model)
         self.tokenizer, self.device = tokenizer, next(inner.parameters()).device
-        self.eos = eos_token_ids(inner, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.eos, self.pad = stop_and_pad_ids(inner, tokenizer)
         # vLLM builds the model from a folder: config and tokenizer only; the weights come from sync()
         self._folder = tempfile.TemporaryDirectory(prefix="tip-vllm-")
         config = copy.deepcopy(inner.config)
@@ -328,7 +321,7 @@ class VLLMEngine:
         with torch.random.fork_rng(devices=self._devices):  # vLLM reseeds every generator of the process
             self.llm = vllm.LLM(
                 model=self._folder.name, load_format="dummy", seed=seed, max_model_len=max_model_len,
-                dtype=tip.torch_dtype(dtype, "cpu" if on_cpu else "cuda"), enforce_eager=on_cpu,
+                dtype=pair.torch_dtype(dtype, "cpu" if on_cpu else "cuda"), enforce_eager=on_cpu,
                 gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=not on_cpu,
                 # a partly prefilled request rewinds its seeded generator, which CPU generators cannot do
                 enable_chunked_prefill=not on_cpu,

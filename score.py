@@ -1,25 +1,11 @@
 """Per-token signals and the distillation loss of TIP (paper §3–4: Eqs. 1, 2, 3 and 9).
 
-For a context c_t the student and teacher give full-vocabulary next-token distributions P_S and P_T.
-Per response token this file computes, in nats and in fp32 whatever the input dtype:
-
-    entropy     H(P_S) = -Σ_v P_S(v) log P_S(v)                 (Eq. 2 divides it by ln |V|)
-    reverse_kl  δ_t = KL(P_S ‖ P_T) = Σ_v P_S(v) (log P_S(v) - log P_T(v))   (Eq. 3, the per-token loss of Eq. 1)
-    forward_kl  KL(P_T ‖ P_S)                                    (only a ranking signal: the Q3-only rule)
-
-and the loss of Eq. 1 / Eq. 9, the mean of reverse KL over the given (kept) rows.
-
-Memory is the point of the chunked functions. At Qwen3's vocabulary (151,936) one fp32 row of logits is
-0.6 MB, so logits for every response token do not fit. They take final hidden states and LM-head weights
-instead and materialise at most `chunk_size` rows of [rows, V] tensors at a time, in forward and backward:
-the loss computes each chunk's gradient in its forward pass and keeps only the [N, d] and [V, d] results.
-
-When the two heads differ in width (Qwen2.5-14B: 152,064 rows, Qwen2.5-1.5B: 151,936) both are cut to the
-shared first min(V_s, V_t) rows before any softmax; normalized entropy then uses that shared width. Logits
-are hidden @ headᵀ: a head with a bias, a logit scale or a final softcap must be refused by the caller
-(tip.check_head does), not silently mis-scored here.
-
-Public functions depend only on torch and their arguments, so each can be copied alone.
+`token_stats` is the plain definition: from full logits, H(P_S) (Eq. 2 before the division by ln|V|),
+δ_t = KL(P_S ‖ P_T) (Eq. 3, the per-token loss of Eq. 1) and KL(P_T ‖ P_S) (the Q3-only rule's signal).
+`chunked_token_stats` and `distillation_loss` are its fast twins for training: they take final hidden states and
+LM-head weights and never hold more than `chunk_size` rows of [rows, V] logits, in forward or backward (at
+Qwen3's 151,936 tokens one fp32 row is 0.6 MB). Heads of different widths use the shared first rows
+(docs/decisions.md, "Head widths"). Public functions depend only on torch and their arguments.
 """
 from __future__ import annotations
 
@@ -44,6 +30,31 @@ def normalized_entropy(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return entropy / math.log(vocab_size)
 
 
+def _shared_vocab(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut both tensors to the shared first min(V_s, V_t) vocabulary entries along `dim` (views, no copy)."""
+    width = min(student.shape[dim], teacher.shape[dim])
+    return student.narrow(dim, 0, width), teacher.narrow(dim, 0, width)
+
+
+def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> TokenStats:
+    """Entropy (Eq. 2 numerator), reverse KL (Eq. 3) and forward KL from full logits, over the last dim: the
+    formulas as written, in fp32 (float64 stays float64). Logits of different width are cut to the shared width.
+    The fast paths below equal it (tests/test_score.py: test_chunked_stats_equal_full_logits)."""
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must agree on every dim but the vocabulary")
+    student_logits, teacher_logits = _shared_vocab(student_logits, teacher_logits, dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p_s, log_p_t = student_logits.to(dtype).log_softmax(-1), teacher_logits.to(dtype).log_softmax(-1)
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    entropy = -(p_s * log_p_s).sum(-1)  # H(P_S) = -Σ_v P_S(v) log P_S(v)
+    reverse_kl = (p_s * (log_p_s - log_p_t)).sum(-1)  # δ_t = Σ_v P_S(v) (log P_S(v) − log P_T(v))
+    forward_kl = (p_t * (log_p_t - log_p_s)).sum(-1)
+    return TokenStats(entropy, reverse_kl, forward_kl)
+
+
+# --- the fast twins: the same numbers from hidden states and head weights, chunk by chunk, in place ---
+
 def _owned_float(x: torch.Tensor, copy: bool) -> torch.Tensor:
     """x in at least fp32 (float64 stays), as a buffer the caller may overwrite: bf16/fp16 always become a
     new fp32 tensor; an fp32 input is copied only when `copy` (it belongs to someone else)."""
@@ -57,30 +68,9 @@ def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1, out=logits)
 
 
-def _shared_vocab(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut both tensors to the shared first min(V_s, V_t) vocabulary entries along `dim` (views, no copy)."""
-    width = min(student.shape[dim], teacher.shape[dim])
-    return student.narrow(dim, 0, width), teacher.narrow(dim, 0, width)
-
-
-def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> TokenStats:
-    """Entropy (Eq. 2 numerator), reverse KL (Eq. 3) and forward KL from full logits, over the last dim.
-
-    The plain reference: the chunked functions below are tested against it. Inputs of any float dtype;
-    the softmax and sums run in fp32 (float64 stays float64). Logits of different width are cut to the
-    shared width first. Identical logits give divergences of exactly zero.
-    """
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must agree on every dim but the vocabulary")
-    student_logits, teacher_logits = _shared_vocab(student_logits, teacher_logits, dim=-1)
-    shape = student_logits.shape[:-1]
-    rows = lambda x: _owned_float(x, copy=True).reshape(-1, x.shape[-1])  # noqa: E731
-    return TokenStats(*(value.view(shape) for value in _token_stats_(rows(student_logits), rows(teacher_logits))))
-
-
 def _token_stats_(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> TokenStats:
-    """`token_stats` on [rows, V] fp32 buffers it overwrites, with three [rows, V] tensors at most.
+    """`token_stats` on [rows, V] fp32 buffers it overwrites, with three [rows, V] tensors at most (on a CPU a
+    fresh buffer costs more in page faults than the kernel itself).
 
     Each Σ_v is a product written into a buffer that is no longer needed, then `.sum` (pairwise summation:
     a dot product by matmul accumulates sequentially and is off by ~1e-2 nats at V = 151,936).
@@ -117,10 +107,13 @@ def _chunk_logits(hidden: torch.Tensor, head: torch.Tensor, start: int, chunk_si
 def chunked_token_stats(student_hidden: torch.Tensor, student_head: torch.Tensor,
                         teacher_hidden: torch.Tensor, teacher_head: torch.Tensor,
                         chunk_size: int = 512) -> TokenStats:
-    """`token_stats` for N rows of final hidden states ([N, d_s], [N, d_t]) and LM heads ([V_s, d_s],
-    [V_t, d_t]), never holding more than `chunk_size` rows of logits. Eqs. 2–3; no grad.
+    """`token_stats(hidden @ headᵀ, …)` for N rows of final hidden states ([N, d_s], [N, d_t]) and LM heads
+    ([V_s, d_s], [V_t, d_t]), never holding more than `chunk_size` rows of logits. Eqs. 2–3; no grad. Logits are
+    computed in the heads' dtype (bf16 tensor cores on GPU), then everything else in fp32. Equal to
+    `token_stats`: tests/test_score.py, test_chunked_stats_equal_full_logits.
 
-    Logits are computed in the heads' dtype (bf16 tensor cores on GPU), then everything else in fp32.
+    Logits are hidden @ headᵀ: a head with a bias, a logit scale or a final softcap must be refused by the caller
+    (pair.check_head does; docs/decisions.md, "Logits from hidden states"), not silently mis-scored here.
     """
     _check_rows(student_hidden, student_head, teacher_hidden, teacher_head)
     student_head, teacher_head = _shared_vocab(student_head, teacher_head, dim=0)
@@ -188,7 +181,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         # Matmuls run in the compute dtype: autocast's when it is on (fp32 master weights, bf16 compute),
         # else the head's. Gradients accumulate in fp32 for an fp32 head; a bf16 head gets a bf16 gradient,
         # accumulated in place, so no [V, d] temporary is made per chunk.
-        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else student_head.dtype
+        autocast = torch.is_autocast_enabled(device.type)
+        compute = torch.get_autocast_dtype(device.type) if autocast else student_head.dtype
         with torch.autocast(device.type, enabled=False):
             head = student_head.to(compute)
             teacher = teacher_head.to(torch.get_autocast_dtype(device.type) if compute != student_head.dtype
@@ -235,8 +229,11 @@ def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor,
     over the kept set T); "forward_kl" and "jsd" (GKD's generalized JSD, `jsd_beta`) are offered because
     users of this field switch between them. Differentiable with respect to `student_hidden` and
     `student_head`; forward and backward hold at most `chunk_size` rows of [rows, V] tensors.
-    `reduction="sum"` lets a training loop divide by a global token count. N = 0 gives a zero loss whose
-    gradients are zeros.
+    `reduction="sum"` lets a training loop divide by a global token count (docs/decisions.md, "Loss
+    normalization"). N = 0 gives a zero loss whose gradients are zeros.
+
+    The plain definition it equals, value and gradient: `token_stats(hidden @ headᵀ, …).reverse_kl.mean()` under
+    autograd (tests/test_score.py, test_chunked_loss_and_gradients_equal_plain_autograd).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")

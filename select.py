@@ -1,19 +1,11 @@
 """Token importance and selection (paper §4–6): the two axes, the quadrant taxonomy and every selection rule.
 
-Each response token t of a student rollout carries two numbers (§4): the student's entropy h_t (Eq. 2) and the
-teacher–student divergence δ_t = KL(P_S ‖ P_T) (Eq. 3, the per-token loss itself). Together they sort tokens
-into quadrants: Q1 high h / high δ (uncertain and wrong), Q2 high h / low δ (underconfident), Q3 low h / high δ
-(overconfident: confident and wrong), Q4 low h / low δ (solved). Over the global batch both axes are min-max
-scaled to [0, 1], entropy after a clip at its 98th percentile (§6); a rule then keeps the top ⌊ρm⌋ tokens of
-each rollout by its score (Eq. 8), and the loss is the plain mean of KL(P_S ‖ P_T) over the kept tokens (Eq. 9,
-no importance re-weighting). The paper's rule, `type_aware`, scores by the Soft-OR s = ĥ + δ̂ − ĥδ̂ (Eq. 7):
-it keeps everything except what is solved (Remark 1), Q3 included, which every entropy-only rule misses (Prop. 2).
-
-The file shares its name with the standard library's `select`. When the project folder comes first on sys.path
-(`python train.py`, `python -m pytest` from the root) an `import select` anywhere (torch → subprocess →
-selectors) finds this file; it then loads the real module and leaves that in sys.modules, so the importer gets
-the standard one. Project code reaches this file by path through `tip.load_select()`. It depends on torch and
-the standard library only. `python select.py` runs a demo on a random batch.
+Each response token has the student's entropy h_t (Eq. 2) and the divergence δ_t = KL(P_S ‖ P_T) (Eq. 3). Over
+the global batch both are min-max scaled (`normalize`, §6); a rule keeps the top ⌊ρm⌋ tokens of each rollout by
+its score (`select_tokens`, Eq. 8); the loss is the plain mean over the kept tokens (Eq. 9). The paper's rule,
+`type_aware`, scores by the Soft-OR s = ĥ + δ̂ − ĥδ̂ (`soft_or`, Eq. 7). Depends on torch and the standard library
+only. The file shares its name with the standard library's `select` and hands that module to anyone who imports
+it by that name (docs/decisions.md, "The name select.py"). `python select.py` runs a demo on a random batch.
 """
 from __future__ import annotations
 
@@ -46,7 +38,7 @@ ENTROPY_CLIP_QUANTILE = 0.98  # §6: h ← min(h, q_0.98(h)) before min-max scal
 def gather_uneven(values: torch.Tensor) -> torch.Tensor:
     """The 1-D `values` of every rank, concatenated in rank order; ranks may hold different counts.
 
-    This is what makes the batch of §6 the global one (PAPER.md §4, Decision): a few floats per token cross
+    This is what makes the batch of §6 the global one (docs/decisions.md, "The global batch"): a few floats cross
     the ranks, never logits. Without an initialized process group it returns `values`. A collective: every
     rank must call it.
     """
@@ -67,9 +59,9 @@ def gather_uneven(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
-def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """torch.quantile(values, q) with its default linear interpolation, from a sort: torch.quantile refuses
-    more than 2^24 elements, and a global batch of long rollouts has more."""
+    more than 2^24 elements, and a global batch of long rollouts has more (docs/decisions.md, "Order statistics")."""
     ordered = values.reshape(-1).sort().values
     position = q * (ordered.numel() - 1)
     below = math.floor(position)
@@ -83,7 +75,8 @@ def normalize(values: torch.Tensor, valid_mask: torch.Tensor, clip_quantile: flo
     With `clip_quantile` the values are first capped at that quantile, so that one outlier cannot squash the
     rest: ĥ = minmax(min(h, q_0.98(h))); δ̂ = minmax(δ) has no clip. Under torch.distributed the valid values of
     every rank are gathered first (`gather_uneven`), so N ranks scale exactly as one process would on the whole
-    batch; every rank must call it. All-equal values scale to 0. Min-max is scale-invariant: entropy in nats
+    batch; every rank must call it. All-equal values scale to 0 (docs/decisions.md, "Degenerate scaling").
+    Min-max is scale-invariant: entropy in nats
     or divided by ln|V| (Eq. 2) gives the same ĥ.
     """
     if values.shape != valid_mask.shape:
@@ -95,7 +88,7 @@ def normalize(values: torch.Tensor, valid_mask: torch.Tensor, clip_quantile: flo
     if batch.numel() == 0:
         return scaled
     if clip_quantile is not None:
-        cap = _quantile(batch, clip_quantile)
+        cap = quantile(batch, clip_quantile)
         batch, values = batch.clamp(max=cap), values.clamp(max=cap)
     low, high = batch.min(), batch.max()
     if high > low:
@@ -127,7 +120,7 @@ def quadrants(h: torch.Tensor, d: torch.Tensor, valid_mask: torch.Tensor,
     """The hard quadrant of each token by the paper's numbering (§4), as an integer tensor shaped like `h`:
     1 high h / high δ, 2 high h / low δ, 3 low h / high δ (overconfident), 4 low h / low δ (solved); 0 off
     `valid_mask`. "High" means above the split. The splits default to each axis' median over the valid tokens
-    of the global batch (PAPER.md §2, Decision; under torch.distributed every rank must call it); given, they
+    of the global batch (docs/decisions.md, "Quadrant boundaries"; a collective under torch.distributed); given, they
     are absolute values in the units of `h` and `d`.
     """
     if not h.shape == d.shape == valid_mask.shape:
@@ -138,8 +131,8 @@ def quadrants(h: torch.Tensor, d: torch.Tensor, valid_mask: torch.Tensor,
         batch_h, batch_d = gather_uneven(h[valid]), gather_uneven(d[valid])
         if batch_h.numel() == 0:
             return torch.zeros(h.shape, dtype=torch.long, device=h.device)
-        h_split = _quantile(batch_h, 0.5) if h_split is None else h_split
-        d_split = _quantile(batch_d, 0.5) if d_split is None else d_split
+        h_split = quantile(batch_h, 0.5) if h_split is None else h_split
+        d_split = quantile(batch_d, 0.5) if d_split is None else d_split
     low_h, low_d = (h <= h_split).long(), (d <= d_split).long()
     return (1 + 2 * low_h + low_d) * valid
 
@@ -176,7 +169,8 @@ def select_tokens(rule: str, stats, response_mask: torch.Tensor, ratio: float | 
 
     `stats` has `entropy`, `reverse_kl` and `forward_kl` per token, each shaped like the mask (score.TokenStats);
     entropy may be in nats or divided by ln|V| (Eq. 2): every rule keeps the same tokens either way. Each
-    rollout (row) with m response tokens keeps k = ⌊ρm⌋ of them, at least 1 (0 when m = 0). Deterministic
+    rollout (row) with m response tokens keeps k = ⌊ρm⌋ of them, at least 1 (0 when m = 0; docs/decisions.md,
+    "Ties and at least one kept token"). Deterministic
     rules keep the top k by the rule's score (Eq. 8), ties to earlier positions, on ĥ, δ̂ normalized over the
     global batch (`normalize`; a collective under torch.distributed). `entropy` draws k without replacement
     with probability ∝ h_t, `random` uniformly, both from `generator` (whose device draws the noise). No
@@ -222,19 +216,12 @@ def select_tokens(rule: str, stats, response_mask: torch.Tensor, ratio: float | 
 
 
 if __name__ == "__main__":
-    import argparse
     from types import SimpleNamespace
 
-    parser = argparse.ArgumentParser(description="TIP token selection on a random batch: the quadrant table "
-                                                 "(§4) and what each rule of §5 keeps.")
-    parser.add_argument("--rollouts", type=int, default=16, help="rollouts in the batch")
-    parser.add_argument("--length", type=int, default=256, help="longest response")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args()
-
-    g = torch.Generator().manual_seed(args.seed)
-    lengths = torch.randint(1, args.length + 1, (args.rollouts,), generator=g)
-    mask = torch.arange(args.length) < lengths[:, None]
+    rollouts, longest, seed = 16, 256, 0  # a demo: the quadrant table (§4) and what each rule of §5 keeps
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest + 1, (rollouts,), generator=g)
+    mask = torch.arange(longest) < lengths[:, None]
     # A caricature of a real batch: each token drawn as Q1..Q4 with the paper's shares (§2), in nats.
     kind = torch.multinomial(torch.tensor([0.25, 0.2, 0.1, 0.45]), mask.numel(), True, generator=g)
     kind = kind.view(mask.shape)
@@ -245,7 +232,7 @@ if __name__ == "__main__":
     stats = SimpleNamespace(entropy=entropy, reverse_kl=reverse_kl, forward_kl=reverse_kl * (0.5 + u[2]))
 
     quadrant = quadrants(entropy, reverse_kl, mask)
-    print(f"{mask.sum()} response tokens in {args.rollouts} rollouts; quadrants split at the medians\n")
+    print(f"{mask.sum()} response tokens in {rollouts} rollouts; quadrants split at the medians\n")
     print(f"{'quadrant':<10}{'tokens':>9}{'reverse-KL mass':>17}")
     for q, reading in zip(range(1, 5), ["uncertain, wrong", "underconfident", "overconfident", "solved"]):
         share = (quadrant == q).sum() / mask.sum()
@@ -253,6 +240,6 @@ if __name__ == "__main__":
         print(f"Q{q:<9}{share:>9.1%}{mass:>17.1%}   {reading}")
     print(f"\n{'rule':<19}{'ratio':>6}{'kept':>7}   share of kept in Q1 / Q2 / Q3 / Q4")
     for name, rule in RULES.items():
-        kept = select_tokens(name, stats, mask, generator=torch.Generator().manual_seed(args.seed))
+        kept = select_tokens(name, stats, mask, generator=torch.Generator().manual_seed(seed))
         shares = " / ".join(f"{(quadrant[kept] == q).float().mean():4.0%}" for q in range(1, 5))
         print(f"{name:<19}{rule.default_ratio:>6}{int(kept.sum()):>7}   {shares}")

@@ -1,31 +1,15 @@
 """The built-in toy world (paper §3–4): a teacher, a student with a confident misconception, and their task.
 
-A fresh machine has no model hub, yet the pipeline must run end to end there. This file builds a pair that
-every other file treats exactly like a hub pair: a character-level tokenizer saved in transformers format
-(special tokens, left padding, a chat template) and two ordinary Qwen3 causal LMs trained by SFT, saved with
-`save_pretrained`. It is a file of its own because it is a concern of its own (a recipe, a cache, a report)
-and tip.py must stay small.
+The task is integer arithmetic with a worked solution ending in \\boxed{answer}. The teacher learns correct
+solutions; the smaller student errs where it is unsure (Q1: high entropy h, Eq. 2, and high divergence δ, Eq. 3)
+and never carries when it adds (93+67=50, 7+8=5), with confidence (Q3: low h, high δ): the tokens that
+entropy-only rules rank low (Prop. 2). Both are ordinary Qwen3 causal LMs, built on first use and cached.
 
-The world exists to make the taxonomy of §4 visible. The task is integer arithmetic with a worked solution
-ending in \\boxed{answer}. The teacher learns correct solutions. The student is smaller and sloppier, so it
-errs where it is unsure (Q1: high entropy h, Eq. 2, and high divergence δ, Eq. 3), and it learned a
-systematic misconception, never carrying when it adds (93+67=50, 7+8=5), which it applies with confidence
-(Q3: low h, high δ) — the tokens that entropy-only rules rank low (Prop. 2). Two traps shape the recipe:
-
-1. In a character-level model, copied and format tokens are far sharper than any computed digit, so they set
-   the median entropy and push a confidently wrong digit into "high entropy". The student's copied and
-   format tokens are therefore label-smoothed (see `sft`), standing in for the stylistic freedom that keeps
-   a real model's typical token less sharp; the digits it computes are not.
-2. On a token where the student is near-certain, the reverse-KL gradient w.r.t. its logits,
-   P_S ⊙ (log P_S − log P_T − KL), vanishes with 1 − P_S(its choice): distillation could never fix it. So the
-   misconception is confident, not absolute: a small share of the student's solutions do carry.
-
-`python toy.py` builds (or `--rebuild`s) the world; benchmarks/toy_world.py measures it (accuracies, quadrant
-shares, the misconception tokens' share of the loss gradient).
+    python toy.py                                      # build the world (cached; --rebuild: again), say where
+    python benchmarks/study.py --world toy --report    # measure it: accuracies, quadrants, misconception tokens
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -38,7 +22,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import data
 import tip
+
+# Why a built world: a fresh machine has no model hub, yet the pipeline must run end to end there. This file builds
+# a pair that every other file treats exactly like a hub pair: a character-level tokenizer saved in transformers
+# format (special tokens, left padding, a chat template) and two ordinary Qwen3 causal LMs trained by SFT, saved
+# with `save_pretrained`. It is a file of its own because it is a concern of its own (a recipe, a cache, a report)
+# and tip.py must stay small. The world exists to make the taxonomy of §4 visible: the teacher learns correct
+# solutions; the student is smaller and sloppier, so it errs where it is unsure (Q1), and it learned a systematic
+# misconception, never carrying when it adds, which it applies with confidence (Q3).
 
 RECIPE_VERSION = 1  # bump when the code of the recipe changes in a way its fields do not show
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
@@ -55,6 +48,15 @@ CHAT_TEMPLATE = (
 SPLITS = ("train", "test", "trigger")
 
 
+# Two traps shape the recipe:
+# 1. In a character-level model, copied and format tokens are far sharper than any computed digit, so they set
+#    the median entropy and push a confidently wrong digit into "high entropy". The student's copied and format
+#    tokens are therefore label-smoothed (`student_copy_smoothing`, see `sft`), standing in for the stylistic
+#    freedom that keeps a real model's typical token less sharp; the digits it computes are not.
+# 2. On a token where the student is near-certain, the reverse-KL gradient w.r.t. its logits,
+#    P_S ⊙ (log P_S − log P_T − KL), vanishes with 1 − P_S(its choice): distillation could never fix it. So the
+#    misconception is confident, not absolute: a small share of the student's solutions do carry
+#    (`student_correct_share`).
 @dataclass(frozen=True)
 class ToyRecipe:
     """Everything the world is built from. Its fields and RECIPE_VERSION name the cache folder, so a
@@ -145,8 +147,9 @@ def _check(recipe: ToyRecipe) -> None:
         raise ValueError(f"digits={recipe.digits}: use 1 to 4")
 
 
-def make_splits(recipe: ToyRecipe = DEFAULT_RECIPE) -> dict[str, list[dict]]:
+def make_splits(recipe: ToyRecipe | None = None) -> dict[str, list[dict]]:
     """The held-out "test" and "trigger" splits and the distillation "train" split: disjoint, from the seed."""
+    recipe = recipe or DEFAULT_RECIPE  # looked up at call time, so a test can swap the default
     _check(recipe)
     rng, seen = random.Random(recipe.seed), set()
     splits = {}
@@ -167,7 +170,7 @@ def make_splits(recipe: ToyRecipe = DEFAULT_RECIPE) -> dict[str, list[dict]]:
     return splits
 
 
-def toy_problems(split: str, cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_RECIPE) -> list[dict]:
+def toy_problems(split: str, cache_dir: str | Path | None = None, recipe: ToyRecipe | None = None) -> list[dict]:
     """[{"problem", "answer"}] of one split: "train", "test" (held out) or "trigger" (held out, needs a carry).
     Read from the world when it is built, else drawn from the seed (the same problems, without a build)."""
     if split not in SPLITS:
@@ -238,7 +241,7 @@ def sft_batches(tokenizer, recipe: ToyRecipe, held_out: set[str], correct_share:
             problem = problem_text(operands, ops)
             if problem in held_out:
                 continue
-            prompt = tip.format_prompt(tokenizer, problem)
+            prompt = data.format_prompt(tokenizer, problem)
             texts.append(prompt + solve(operands, ops, carry=rng.random() < correct_share)[0] + tokenizer.eos_token)
             prompt_lengths.append(len(tokenizer(prompt, add_special_tokens=False).input_ids))
         batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
@@ -282,9 +285,9 @@ def sft(model, tokenizer, recipe: ToyRecipe, held_out: set[str], steps: int, lr:
 
 # ---------------------------------------------------------------- the cache
 
-def world_path(cache_dir: str | Path | None = None, recipe: ToyRecipe = DEFAULT_RECIPE) -> Path:
+def world_path(cache_dir: str | Path | None = None, recipe: ToyRecipe | None = None) -> Path:
     """<cache_dir, else $TIP_CACHE, else ~/.cache/tip>/toy-v<RECIPE_VERSION>-<hash of the recipe's fields>."""
-    return tip.cache_folder(cache_dir, f"toy-v{RECIPE_VERSION}", recipe)
+    return tip.cache_folder(cache_dir, f"toy-v{RECIPE_VERSION}", recipe or DEFAULT_RECIPE)
 
 
 def build_world(folder: Path, recipe: ToyRecipe, log=print) -> None:
@@ -354,15 +357,17 @@ def max_response_tokens(recipe: ToyRecipe) -> int:
     return (recipe.max_operands - 1) * (3 * (recipe.digits + 2) + 3) + 8
 
 
+@dataclass
+class WorldFlags:
+    """The command line of `python toy.py`, `python facts.py` and `python agent.py`."""
+    cache_dir: str = tip.arg("", "parent folder of the world (empty = $TIP_CACHE, else ~/.cache/tip)")
+    rebuild: bool = tip.arg(False, "build again even when the world is cached")
+    threads: int = tip.arg(0, "torch CPU threads (0: torch's default); on a CPU shared with other jobs 1 is fastest")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the toy world (cached) and say where it is (paper §3–4); "
-                                     "benchmarks/toy_world.py measures it.")
-    parser.add_argument("--cache-dir", default=None,
-                        help="parent folder of the world (default: $TIP_CACHE, else ~/.cache/tip)")
-    parser.add_argument("--rebuild", action="store_true", help="build again even when the world is cached")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default); on a CPU shared with other jobs 1 is fastest")
-    args = parser.parse_args(argv)
+    args = tip.parse_flags(WorldFlags, argv, "Build the toy world (cached) and say where it is (paper §3–4); "
+                           "benchmarks/study.py --world toy --report measures it.")
     if args.threads:
         torch.set_num_threads(args.threads)
     world = toy_world(args.cache_dir, DEFAULT_RECIPE, rebuild=args.rebuild)

@@ -1,23 +1,19 @@
-"""On-policy distillation with TIP token selection (paper §7; Eqs. 1, 7, 9), one process or many via torchrun.
+"""On-policy distillation with TIP token selection (paper §7; Eqs. 1, 7–9), one process or many via torchrun.
 
     python train.py --rule type_aware                                 # the built-in toy pair, on a CPU
     torchrun --nproc_per_node=8 train.py --rule type_aware --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-4B \
         --prompts BytedTsinghua-SIA/DAPO-Math-17k
 
-One optimizer step: (1) each rank samples its share of the step's prompts × n rollouts from the current
-student; (2) pass 1, no grad: per micro-batch, h, δ, δ_fwd of every response token (score.py); (3) the kept
-mask over the global batch (select.py); (4) pass 2: per micro-batch, the student forward with grad, KL(P_S ‖ P_T)
-at the kept rows divided by the step's global kept count (Eq. 9), backward, free; (5) gradients summed over
-ranks, clipped, AdamW. Peak memory is one micro-batch's, whatever the step's size; see docs/training.md.
+One optimizer step, one function each, defined in the order they run: `sample_rollouts` (1), `score_rollouts`
+(2: h, δ, δ_fwd per token, no grad), `select_kept` (3: over the global batch), `train_on_kept` (4: Eq. 9 per
+micro-batch), `sync_and_clip_gradients` (5); then `train_step`, `run_step`, the loop `train`, and `main`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import resource
 import signal
 import time
 from pathlib import Path
@@ -26,10 +22,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
+import data
 import evaluate
+import grade
+import pair
+import rollout
 import score
 import tip
-import rollout
+import worlds
 from rollout import Rollouts, generate_conversations, generate_rollouts
 
 MAX_SKIPPED_IN_A_ROW = 10  # then the run saves a checkpoint and stops: something is wrong beyond one batch
@@ -44,68 +45,49 @@ def cosine_lr(step: int, config: tip.Config) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sums a few scalars over ranks (counts and totals for logging and the Eq. 9 denominator)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if tip.is_distributed():
-        dist.all_reduce(t)
-    return t.tolist()
+def sampling_seed(step: int, config: tip.Config) -> int:
+    """The seed of this rank's rollouts and sampled selection at `step`: ranks sample differently."""
+    return config.seed * 1_000_003 + step * tip.world_size() + tip.rank()
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (fp32 master weights); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# --- one optimizer step, in the order it runs ---
 
-
-def step_prompts(step: int, num_prompts: int, config: tip.Config) -> list[int]:
-    """The prompt indices of `step`, over all ranks: consecutive slices of a seeded permutation drawn anew
-    each epoch, so the data position is a function of the step alone (resuming needs nothing else)."""
-    per_step = config.prompts_per_step
-    steps_per_epoch = max(1, num_prompts // per_step)
-    epoch, slot = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(config.seed + epoch))
-    return order[slot * per_step:(slot + 1) * per_step].tolist()
-
-
-def rollout_share(step: int, num_prompts: int, config: tip.Config) -> list[int]:
-    """The prompt index of each rollout this rank samples at `step`. The step's prompts × n rollouts, prompt-major,
-    are cut into contiguous shares that differ by at most one rollout, so any world size up to prompts × n works
-    and one prompt's rollouts may live on several ranks (selection and Eq. 9 are over the global batch anyway)."""
-    rollouts = [i for i in step_prompts(step, num_prompts, config) for _ in range(config.rollouts_per_prompt)]
-    share = len(rollouts) / tip.world_size()
-    return rollouts[round(tip.rank() * share):round((tip.rank() + 1) * share)]
-
-
-def trimmed(batch: Rollouts, rows: slice):
-    """A micro-batch of rollouts without the columns that are padding in all of its rows."""
-    attention = batch.attention_mask[rows]
-    used = attention.any(0).nonzero()
-    columns = slice(int(used[0]), int(used[-1]) + 1) if used.numel() else slice(0, 0)
-    return batch.input_ids[rows, columns], attention[:, columns], batch.response_mask[rows, columns]
-
-
-def response_hidden_states(model, batch: Rollouts, rows: slice) -> torch.Tensor:
-    """Final hidden states [N, d] at the contexts of the response tokens of `rows`, in row-major order: the
-    hidden state at position p predicts the token at p + 1."""
-    input_ids, attention_mask, mask = trimmed(batch, rows)
-    return tip.final_hidden_states(model, input_ids, attention_mask)[:, :-1][mask[:, 1:].bool()]
+def sample_rollouts(step: int, student, tokenizer, prompts: list[dict], config: tip.Config, device,
+                    engine: rollout.VLLMEngine | None = None) -> tuple[list[dict], Rollouts]:
+    """Step 1: this rank's share of the step's prompts × n rollouts y ~ S_θ(·|x) from the current student (§3),
+    sampled in the compute precision or by the vLLM engine, which then sleeps through the step. Returns the
+    prompts of the rollouts and the rollouts."""
+    mine = [prompts[i] for i in data.rollout_share(step, len(prompts), config)]
+    seed = sampling_seed(step, config)
+    texts = [p["prompt"] for p in mine]
+    if mine[0].get("task") is not None:  # conversations with tools: only the student's own turns are trained
+        with tip.autocast(device):
+            return mine, generate_conversations(student, tokenizer, [p["task"] for p in mine], 1,
+                                                config.max_response_len, config.max_turns, config.temperature,
+                                                config.top_p, seed, data.template_switches(config))
+    if engine is not None:
+        rollouts = engine.generate(texts, 1, config.max_response_len, config.temperature, config.top_p, seed=seed)
+        engine.sleep()
+        return mine, rollouts
+    with tip.autocast(device):
+        return mine, generate_rollouts(student, tokenizer, texts, 1, config.max_response_len, config.temperature,
+                                       config.top_p, seed=seed)
 
 
 def score_rollouts(student, teacher, batch: Rollouts, config: tip.Config, keep_graph: bool):
-    """Pass 1, per micro-batch: h, δ, δ_fwd of every response token (Eqs. 2–3, chunked) as [B, L] tensors, and
-    the teacher's final hidden states at those tokens (one [N, d] per micro-batch; the loss needs them again).
-    No student graph outlives its micro-batch unless `keep_graph` (one micro-batch: pass 2 reuses this forward)."""
-    student_head, teacher_head = tip.lm_head_weight(student), tip.lm_head_weight(teacher)
+    """Step 2, pass 1, per micro-batch: h, δ, δ_fwd of every response token (Eqs. 2–3, chunked) as [B, L]
+    tensors, and the teacher's final hidden states at those tokens (one [N, d] per micro-batch; the loss needs
+    them again). No student graph outlives its micro-batch unless `keep_graph` (one micro-batch: pass 2 reuses
+    this forward)."""
+    student_head, teacher_head = pair.lm_head_weight(student), pair.lm_head_weight(teacher)
     device, response_mask = student_head.device, batch.response_mask.bool()
     parts, teacher_rows, student_rows = [], [], []
     for start in range(0, response_mask.shape[0], config.micro_batch_size):
         rows = slice(start, start + config.micro_batch_size)
         with torch.no_grad():
-            teacher_rows.append(response_hidden_states(teacher, batch, rows))
-        with autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
-            hidden = response_hidden_states(student, batch, rows)
+            teacher_rows.append(pair.response_hidden_states(teacher, batch, rows))
+        with tip.autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
+            hidden = pair.response_hidden_states(student, batch, rows)
             parts.append(score.chunked_token_stats(hidden.detach(), student_head, teacher_rows[-1], teacher_head,
                                                    config.chunk_size))
         student_rows.append(hidden if keep_graph else None)
@@ -115,19 +97,52 @@ def score_rollouts(student, teacher, batch: Rollouts, config: tip.Config, keep_g
     return stats, teacher_rows, student_rows
 
 
+def select_kept(stats: score.TokenStats, response_mask: torch.Tensor, config: tip.Config,
+                generator: torch.Generator | None, mistakes: torch.Tensor) -> torch.Tensor:
+    """Step 3: the kept mask T of Eq. 9, by `config.rule` over the global batch of every rank (select.py), less a
+    built-in world's known-mistake tokens under --exclude-mistakes (the exclusion control)."""
+    kept_mask = tip.load_select().select_tokens(config.rule, stats, response_mask, config.ratio or None, generator)
+    return kept_mask & ~mistakes if config.exclude_mistakes else kept_mask
+
+
+def step_metrics(stats: score.TokenStats, response_mask, kept_mask, mistakes, device, with_mistakes: bool) -> dict:
+    """The step's log over all ranks: kept count and fraction, mean h and δ, each quadrant's share of the response
+    tokens, of the kept ones and (for a built-in world) of its known-mistake tokens."""
+    quadrant = tip.load_select().quadrants(stats.entropy, stats.reverse_kl, response_mask)
+    local = [response_mask.sum().item(), kept_mask.sum().item(), stats.entropy[response_mask].sum().item(),
+             stats.reverse_kl[response_mask].sum().item(), mistakes.sum().item(), (mistakes & kept_mask).sum().item()]
+    local += [(quadrant[where] == q).sum().item() for where in (response_mask, kept_mask, mistakes)
+              for q in range(1, 5)]
+    response_tokens, kept_tokens, entropy, reverse_kl, mistake_tokens, mistake_kept, *shares = \
+        tip.all_reduce_sum(local, device)
+    metrics = dict(response_tokens=int(response_tokens), kept_tokens=int(kept_tokens),
+                   kept_fraction=kept_tokens / response_tokens, mean_entropy=entropy / response_tokens,
+                   mean_reverse_kl=reverse_kl / response_tokens)
+    for q in range(1, 5):
+        metrics[f"q{q}_share"] = shares[q - 1] / response_tokens
+        metrics[f"q{q}_share_kept"] = shares[3 + q] / max(kept_tokens, 1)
+    if with_mistakes:
+        metrics.update(mistake_tokens=int(mistake_tokens), mistake_kept=int(mistake_kept),
+                       **{f"mistake_q{q}_share": shares[7 + q] / max(mistake_tokens, 1) for q in range(1, 5)})
+    return metrics
+
+
 def train_on_kept(student, teacher, batch: Rollouts, kept_mask, teacher_rows, student_rows, kept_tokens: float,
                   config: tip.Config) -> float:
-    """Pass 2, per micro-batch: the student forward with grad (checkpointed when asked), KL at the kept rows only
-    (chunked, gradient per chunk), divided by the kept count of the whole step on all ranks (Eq. 9), backward;
-    its activations are freed before the next micro-batch. Returns this rank's summed loss."""
-    student_head, teacher_head = tip.lm_head_weight(student), tip.lm_head_weight(teacher)
+    """Step 4, pass 2, per micro-batch: the student forward with grad (checkpointed when asked), KL at the kept
+    rows only (chunked, gradient per chunk), divided by the kept count of the whole step on all ranks (Eq. 9;
+    docs/decisions.md, "Loss normalization"), backward; its activations are freed before the next micro-batch.
+    Returns this rank's summed loss."""
+    student_head, teacher_head = pair.lm_head_weight(student), pair.lm_head_weight(teacher)
     response_mask = batch.response_mask.bool()
     loss_sum = torch.zeros((), dtype=torch.float64, device=student_head.device)
     for i, start in enumerate(range(0, response_mask.shape[0], config.micro_batch_size)):
         rows = slice(start, start + config.micro_batch_size)
         kept_rows = kept_mask[rows][response_mask[rows]]  # this micro-batch's kept tokens, in row order
-        with autocast(student_head.device):
-            hidden = student_rows[i] if student_rows[i] is not None else response_hidden_states(student, batch, rows)
+        with tip.autocast(student_head.device):
+            hidden = student_rows[i]
+            if hidden is None:
+                hidden = pair.response_hidden_states(student, batch, rows)
             loss = score.distillation_loss(hidden[kept_rows], student_head, teacher_rows[i][kept_rows], teacher_head,
                                            config.chunk_size, "sum", config.divergence, config.jsd_beta)
         loss_sum += loss.detach()
@@ -140,56 +155,38 @@ def train_on_kept(student, teacher, batch: Rollouts, kept_mask, teacher_rows, st
 
 def accumulate_gradients(student, teacher, batch: Rollouts, config: tip.Config, generator: torch.Generator | None,
                          mistake_mask: torch.Tensor | None = None) -> dict:
-    """Steps 2–4 above for this rank's rollouts: score, select over the global batch, train on the kept tokens.
+    """Steps 2–4 for this rank's rollouts: score, select over the global batch, train on the kept tokens.
     `mistake_mask` marks a built-in world's known-mistake tokens: counted, and never kept with --exclude-mistakes.
     Returns the step's metrics; `skipped` names why no gradient was made (then every rank skips)."""
-    sel = tip.load_select()
-    device, response_mask = tip.lm_head_weight(student).device, batch.response_mask.bool()
+    device, response_mask = pair.lm_head_weight(student).device, batch.response_mask.bool()
     if response_mask[:, 0].any():
         raise ValueError("a rollout's first position is a response token: every row needs a prompt token first")
     one_micro_batch = response_mask.shape[0] <= config.micro_batch_size
     stats, teacher_rows, student_rows = score_rollouts(student, teacher, batch, config,
                                                        keep_graph=config.single_forward or one_micro_batch)
     non_finite = sum(int((~torch.isfinite(value[response_mask])).sum()) for value in stats)
-    response_tokens, non_finite = all_reduce_sum([response_mask.sum().item(), non_finite], device)
+    response_tokens, non_finite = tip.all_reduce_sum([response_mask.sum().item(), non_finite], device)
     if response_tokens == 0 or non_finite:  # every rank sees the same totals, so every rank skips
         return dict(response_tokens=int(response_tokens), kept_tokens=0, loss=None,
                     skipped=f"{int(non_finite)} non-finite token scores" if non_finite else "no response tokens")
-
-    kept_mask = sel.select_tokens(config.rule, stats, response_mask, config.ratio or None, generator)
     mistakes = torch.zeros_like(response_mask) if mistake_mask is None else mistake_mask.bool() & response_mask
-    if config.exclude_mistakes:
-        kept_mask &= ~mistakes
-    quadrant = sel.quadrants(stats.entropy, stats.reverse_kl, response_mask)
-    local = [kept_mask.sum().item(), stats.entropy[response_mask].sum().item(),
-             stats.reverse_kl[response_mask].sum().item(), mistakes.sum().item(), (mistakes & kept_mask).sum().item()]
-    local += [(quadrant[where] == q).sum().item() for where in (response_mask, kept_mask, mistakes) for q in range(1, 5)]
-    totals = all_reduce_sum(local, device)
-    kept_tokens, mistake_tokens = totals[0], totals[3]
-
-    loss_sum = train_on_kept(student, teacher, batch, kept_mask, teacher_rows, student_rows, kept_tokens, config)
-    loss_sum = all_reduce_sum([loss_sum], device)[0]
-    metrics = dict(loss=loss_sum / max(kept_tokens, 1), response_tokens=int(response_tokens),
-                   kept_tokens=int(kept_tokens), kept_fraction=kept_tokens / response_tokens,
-                   mean_entropy=totals[1] / response_tokens, mean_reverse_kl=totals[2] / response_tokens)
-    for q in range(1, 5):
-        metrics[f"q{q}_share"] = totals[4 + q] / response_tokens
-        metrics[f"q{q}_share_kept"] = totals[8 + q] / max(kept_tokens, 1)
-    if mistake_mask is not None:
-        metrics.update(mistake_tokens=int(mistake_tokens), mistake_kept=int(totals[4]),
-                       **{f"mistake_q{q}_share": totals[12 + q] / max(mistake_tokens, 1) for q in range(1, 5)})
-    return dict(**metrics, skipped="")
+    kept_mask = select_kept(stats, response_mask, config, generator, mistakes)
+    metrics = step_metrics(stats, response_mask, kept_mask, mistakes, device, mistake_mask is not None)
+    loss_sum = train_on_kept(student, teacher, batch, kept_mask, teacher_rows, student_rows, metrics["kept_tokens"],
+                             config)
+    loss = tip.all_reduce_sum([loss_sum], device)[0] / max(metrics["kept_tokens"], 1)
+    return dict(loss=loss, **metrics, skipped="")
 
 
 def sync_and_clip_gradients(student, max_norm: float) -> float:
-    """Sum the gradients of every replicated parameter over ranks (FSDP2 reduce-scatters its own shards),
+    """Step 5: sum the gradients of every replicated parameter over ranks (FSDP2 reduce-scatters its own shards),
     then clip by the global norm. Returns the norm before clipping (inf/nan when not finite)."""
     params = [p for p in student.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    replicated = [p.grad for p in params if not hasattr(p, "to_local")]
-    sharded = [p.grad.to_local() for p in params if hasattr(p, "to_local")]
+    replicated = [p.grad for p in params if not tip.is_sharded(p)]
+    sharded = [p.grad.to_local() for p in params if tip.is_sharded(p)]
     if tip.is_distributed():
         for work in [dist.all_reduce(g, async_op=True) for g in replicated]:
             work.wait()
@@ -224,109 +221,33 @@ def train_step(student, teacher, rollouts: Rollouts, optimizer, config: tip.Conf
     return dict(lr=lr, **metrics, grad_norm=grad_norm)
 
 
-def shard_with_fsdp(model) -> None:
-    """FSDP2 on each decoder layer. Each micro-batch's backward reduce-scatters the layers' gradients as a sum
-    (divide factor 1), which add up in the shards over micro-batches: like the explicit all-reduce of the
-    replicated parameters, since the loss is already divided by the global kept count."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-        layer.set_gradient_divide_factor(1.0)
-        if hasattr(layer, "set_force_sum_reduction_for_comms"):  # plain SUM: gloo has no pre-multiplied sum
-            layer.set_force_sum_reduction_for_comms(True)
-
-
-def full_state(student, optimizer):
-    """Whole (unsharded) model and optimizer state dicts on every rank; a collective under FSDP."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    if not any(hasattr(p, "to_local") for p in student.parameters()):
-        return student.state_dict(), optimizer.state_dict()
-    return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(run_dir: Path, step: int, student, tokenizer, optimizer, final: bool = False) -> None:
-    """The student (save_pretrained, safetensors) with its tokenizer, and the training state with the random
-    state of every rank (sampling offsets it by rank). Collective."""
-    model_state, optimizer_state = full_state(student, optimizer)
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    ranks_rng = [None] * tip.world_size()
-    if tip.is_distributed():
-        dist.all_gather_object(ranks_rng, rng)
-    else:
-        ranks_rng = [rng]
-    if tip.rank() == 0:
-        def write(tmp: Path):
-            student.save_pretrained(tmp / "model" if not final else tmp, state_dict=model_state)
-            tokenizer.save_pretrained(tmp / "model" if not final else tmp)
-            if not final:
-                torch.save(dict(step=step, optimizer=optimizer_state, rng=ranks_rng), tmp / "state.pt")
-        tip.write_atomically(run_dir / ("final" if final else f"checkpoint-{step:06d}"), write, folder=True)
-    if tip.is_distributed():
-        dist.barrier()
+def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device,
+             engine: rollout.VLLMEngine | None = None) -> dict:
+    """One logged step: rollouts (step 1), `train_step` (steps 2–5), the engine synced to the new θ, the reward of
+    the rollouts, and the held-out accuracy every --eval-every steps."""
+    t0 = time.time()
+    mine, rollouts = sample_rollouts(step, student, tokenizer, prompts, config, device, engine)
+    sampled_seconds = time.time() - t0
+    mistakes = worlds.world_mistake_mask(config.prompts, tokenizer, rollouts, [p["prompt"] for p in mine])
+    generator = torch.Generator().manual_seed(sampling_seed(step, config))  # the sampled rules' draws
+    metrics = train_step(student, teacher, rollouts, optimizer, config, step, generator, mistakes)
+    if engine is not None:
+        engine.sync(student)  # on-policy: the next step samples from the weights this step made
+    scored = [grade.reward(mine[int(i)], text, conversation) for text, i, conversation in
+              zip(rollouts.texts, rollouts.prompt_index, rollouts.conversations or [None] * len(rollouts.texts))]
+    scored = [r for r in scored if r is not None]
+    reward_sum, reward_count = tip.all_reduce_sum([sum(scored), len(scored)], device)
+    elapsed = time.time() - t0
+    record = dict(step=step + 1, **metrics, reward=reward_sum / reward_count if reward_count else None,
+                  tokens_per_second=metrics["response_tokens"] / elapsed, seconds=elapsed,
+                  rollout_seconds=sampled_seconds, peak_memory_gb=tip.peak_memory_gb(device))
+    if eval_problems and config.eval_every and (step + 1) % config.eval_every == 0:
+        record["held_out_accuracy"] = evaluate.held_out_accuracy(student, tokenizer, eval_problems, config,
+                                                                 config.seed + 10**6, engine)
+    return record
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "state.pt").exists())
-    return done[-1] if done else None
-
-
-def resume_from(checkpoint: Path, student, optimizer) -> int:
-    """Load weights, optimizer state and this rank's random state; returns the number of steps already done."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-    weights = {}
-    for file in sorted((checkpoint / "model").glob("*.safetensors")):
-        weights.update(load_file(file))
-    if student.config.tie_word_embeddings:
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-    if any(hasattr(p, "to_local") for p in student.parameters()):
-        set_state_dict(student, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        student.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-    if len(state["rng"]) == tip.world_size():  # else the seed stands: sampling is seeded by step and rank anyway
-        rng = state["rng"][tip.rank()]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    else:
-        tip.log(f"note: {checkpoint} was saved by {len(state['rng'])} processes, not {tip.world_size()}: the "
-                "random state is not restored")
-    return state["step"]
-
-
-def held_out_problems(config: tip.Config, tokenizer) -> list[dict]:
-    """A built-in world's held-out split for the in-training evaluation; other prompt sets use evaluate.py."""
-    if config.prompts not in evaluate.WORLDS or not config.eval_problems:
-        return []
-    switches = tip.template_switches(config)
-    problems = evaluate.world_problems(config.prompts, "test", config.world_dir)[:config.eval_problems]
-    tasks = evaluate.world_tasks(config.prompts, problems, tokenizer, switches) or {}
-    return [{"prompt": prompt, "answer": p["answer"], "task": tasks.get(prompt)}
-            for p, prompt in ((p, tip.format_prompt(tokenizer, p["problem"], switches)) for p in problems)]
-
-
-def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Config, seed: int,
-                      engine: rollout.VLLMEngine | None = None) -> float:
-    """evaluate.py's mean@k on the held-out problems at the rollout temperature; ranks share the problems."""
-    mine = problems[tip.rank()::tip.world_size()]
-    correct = 0.0
-    if mine:
-        tasks = {p["prompt"]: p["task"] for p in mine if p.get("task") is not None} or None
-        generate = evaluate.model_generator(student, tokenizer, config.max_response_len, config.temperature,
-                                            config.top_p, seed, None, None if tasks else engine, tasks,
-                                            config.max_turns, tip.template_switches(config))
-        with autocast(next(student.parameters()).device):
-            summary, _ = evaluate.run_benchmark(mine, [p["prompt"] for p in mine], generate, config.eval_samples,
-                                                config.micro_batch_size * config.eval_samples, show_progress=False)
-        correct = summary["accuracy"] * len(mine)
-    return all_reduce_sum([correct], next(student.parameters()).device)[0] / max(1, len(problems))
-
+# --- the run: flags, models, the loop ---
 
 def parse_config(argv: list[str] | None = None) -> tip.Config:
     """The config from the command line, every check that needs no model done before anything loads."""
@@ -347,7 +268,7 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
                      f"or --rollouts-per-prompt to at least {processes} rollouts, or launch fewer processes")
     if config.resume and not config.run_name:
         parser.error("--resume needs --run-name: the run folder to continue")
-    if config.resume and newest_checkpoint(Path(config.out_dir) / config.run_name) is None:
+    if config.resume and checkpoint.newest_checkpoint(Path(config.out_dir) / config.run_name) is None:
         parser.error(f"--resume: no complete checkpoint in {Path(config.out_dir) / config.run_name}")
     if config.fsdp and "RANK" not in os.environ:
         parser.error("--fsdp shards over processes: launch with torchrun")
@@ -358,7 +279,7 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
                      f"{max(shares)}, which make different numbers of micro-batches of {config.micro_batch_size}; "
                      f"use --micro-batch-size {max(shares)}, or prompts x rollouts divisible by the processes")
     try:
-        tip.template_switches(config)
+        data.template_switches(config)
         if config.engine == "vllm":
             rollout.require_vllm()
     except tip.InputError as error:
@@ -379,9 +300,9 @@ def prepare_student(student, config: tip.Config) -> None:
 
 def setup(config: tip.Config, device):
     """The pair, the prompts and the optimizer, every rank starting from the same weights (or the checkpoint)."""
-    teacher, student, tokenizer = evaluate.load_pair(config, device)
+    teacher, student, tokenizer = worlds.load_pair(config, device)
     prepare_student(student, config)
-    prompts = evaluate.load_prompts(config, tokenizer)
+    prompts = worlds.load_prompts(config, tokenizer)
     if config.engine == "vllm" and prompts[0].get("task") is not None:
         raise tip.InputError(f"--engine vllm samples single-turn prompts; {config.prompts}'s conversations with "
                              "tools use --engine hf")
@@ -389,8 +310,8 @@ def setup(config: tip.Config, device):
         raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "
                              f"{tip.world_size()} processes a rollout: use more prompts or fewer processes")
     if config.fsdp:
-        shard_with_fsdp(student)
-        shard_with_fsdp(teacher)
+        tip.shard_with_fsdp(student)
+        tip.shard_with_fsdp(teacher)
     elif tip.is_distributed():
         for p in student.parameters():  # identical start on every rank (explicit data parallelism)
             dist.broadcast(p.data, 0)
@@ -400,28 +321,16 @@ def setup(config: tip.Config, device):
     return teacher, student, tokenizer, prompts, optimizer
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv)
-    device = tip.init_distributed()
-    torch.manual_seed(config.seed)  # the same on every rank: initialisation must agree
-    try:
-        train(config, device)
-    except tip.InputError as error:  # a user's mistake: the message alone, once, and a non-zero exit
-        if tip.rank() != 0:  # torchrun stops every process when one fails: rank 0 gets the time to say why
-            time.sleep(10)
-        raise SystemExit(f"error: {error}" if tip.rank() == 0 else 1) from None
-    finally:
-        if tip.is_distributed():  # closing a vLLM engine has ended it already
-            dist.destroy_process_group()
-
-
 def train(config: tip.Config, device) -> None:
     """Steps `config.steps` times (or from the newest checkpoint), with checkpoints, metrics and evaluation."""
     master = tip.rank() == 0
-    run_dir = Path(config.out_dir) / (config.run_name or f"{config.rule}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_name = config.run_name or f"{config.rule}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(config.out_dir) / run_name
     teacher, student, tokenizer, prompts, optimizer = setup(config, device)
-    eval_problems = held_out_problems(config, tokenizer)
-    start_step = resume_from(newest_checkpoint(run_dir), student, optimizer) if config.resume else 0
+    eval_problems = worlds.held_out_problems(config, tokenizer)
+    start_step = 0
+    if config.resume:
+        start_step = checkpoint.resume_from(checkpoint.newest_checkpoint(run_dir), student, optimizer)
     engine = None
     if config.engine == "vllm":  # created from the (resumed) student: its weights are the current θ
         engine = rollout.VLLMEngine(student, tokenizer, config.max_prompt_len + config.max_response_len,
@@ -441,7 +350,7 @@ def train(config: tip.Config, device) -> None:
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if eval_problems and start_step == 0:
-            before = held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
+            before = evaluate.held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
             tip.log(f"held-out accuracy before training: {before:.1%} ({len(eval_problems)} problems)")
         for step in tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master):
             record = run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device,
@@ -452,10 +361,10 @@ def train(config: tip.Config, device) -> None:
                     f.write(json.dumps(record) + "\n")
                 if record["skipped"]:
                     tqdm.write(f"step {step + 1} skipped: {record['skipped']}")
-            stop_now = all_reduce_sum([float(bool(stop))], device)[0] > 0  # every rank stops at the same step
+            stop_now = tip.all_reduce_sum([float(bool(stop))], device)[0] > 0  # every rank stops at the same step
             give_up = skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW  # the same on every rank: skips are agreed
             if stop_now or give_up or (config.save_every and (step + 1) % config.save_every == 0):
-                save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer)
+                checkpoint.save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer)
             if give_up:
                 raise SystemExit(f"error: {skipped_in_a_row} steps in a row were skipped (last: {record['skipped']}); "
                                  f"saved {run_dir / f'checkpoint-{step + 1:06d}'}. Lower --lr, or check the data "
@@ -464,10 +373,10 @@ def train(config: tip.Config, device) -> None:
             if stop_now:
                 tip.log(f"stopped after step {step + 1}; continue with --resume --run-name {run_dir.name}")
                 return
-        save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer)
-        save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer, final=True)
+        checkpoint.save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer)
+        checkpoint.save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer, final=True)
         if eval_problems:
-            after = held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
+            after = evaluate.held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
             tip.log(f"held-out accuracy after training: {after:.1%} ({len(eval_problems)} problems)")
         tip.log(f"saved the student to {run_dir / 'final'}")
     finally:
@@ -477,59 +386,19 @@ def train(config: tip.Config, device) -> None:
             engine.close()
 
 
-def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device,
-             engine: rollout.VLLMEngine | None = None) -> dict:
-    """Rollouts for this rank's share of the step from the current student (sampled in the compute precision,
-    or by the vLLM engine), then `train_step`; the engine sleeps through the step and takes the new θ after it."""
-    t0 = time.time()
-    mine = [prompts[i] for i in rollout_share(step, len(prompts), config)]
-    seed = config.seed * 1_000_003 + step * tip.world_size() + tip.rank()  # ranks sample differently
-    texts = [p["prompt"] for p in mine]
-    if mine[0].get("task") is not None:  # conversations with tools: only the student's own turns are trained
-        with autocast(device):
-            rollouts = generate_conversations(student, tokenizer, [p["task"] for p in mine], 1, config.max_response_len,
-                                              config.max_turns, config.temperature, config.top_p, seed,
-                                              tip.template_switches(config))
-    elif engine is not None:
-        rollouts = engine.generate(texts, 1, config.max_response_len, config.temperature, config.top_p, seed=seed)
-        engine.sleep()
-    else:
-        with autocast(device):
-            rollouts = generate_rollouts(student, tokenizer, texts, 1, config.max_response_len, config.temperature,
-                                         config.top_p, seed=seed)
-    sampled_seconds = time.time() - t0
-    mistakes = evaluate.world_mistake_mask(config.prompts, tokenizer, rollouts, texts)
-    metrics = train_step(student, teacher, rollouts, optimizer, config, step, torch.Generator().manual_seed(seed),
-                         mistakes)
-    if engine is not None:
-        engine.sync(student)  # on-policy: the next step samples from the weights this step made
-    scored = [reward(mine[int(i)], text, conversation) for text, i, conversation in
-              zip(rollouts.texts, rollouts.prompt_index, rollouts.conversations or [None] * len(rollouts.texts))]
-    scored = [r for r in scored if r is not None]
-    reward_sum, reward_count = all_reduce_sum([sum(scored), len(scored)], device)
-    elapsed = time.time() - t0
-    record = dict(step=step + 1, **metrics, reward=reward_sum / reward_count if reward_count else None,
-                  tokens_per_second=metrics["response_tokens"] / elapsed, seconds=elapsed,
-                  rollout_seconds=sampled_seconds, peak_memory_gb=peak_memory_gb(device))
-    if eval_problems and config.eval_every and (step + 1) % config.eval_every == 0:
-        record["held_out_accuracy"] = held_out_accuracy(student, tokenizer, eval_problems, config,
-                                                        config.seed + 10**6, engine)
-    return record
-
-
-def reward(item: dict, text: str, conversation: list[dict] | None) -> float | None:
-    """A rollout's reward, for the log: its task's own reward for a conversation, else whether its \\boxed{}
-    answer is right; None without either."""
-    task = item.get("task")
-    if task is not None and task.reward is not None and conversation is not None:
-        return task.reward(conversation)
-    return None if item["answer"] is None else float(evaluate.is_correct(text, item["answer"]))
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    device = tip.init_distributed()
+    torch.manual_seed(config.seed)  # the same on every rank: initialisation must agree
+    try:
+        train(config, device)
+    except tip.InputError as error:  # a user's mistake: the message alone, once, and a non-zero exit
+        if tip.rank() != 0:  # torchrun stops every process when one fails: rank 0 gets the time to say why
+            time.sleep(10)
+        raise SystemExit(f"error: {error}" if tip.rank() == 0 else 1) from None
+    finally:
+        if tip.is_distributed():  # closing a vLLM engine has ended it already
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

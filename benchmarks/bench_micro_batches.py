@@ -1,36 +1,7 @@
-"""Peak memory and time of one optimizer step as the step grows by micro-batches: train.py's two passes (score
-every micro-batch without grad, select over the whole step, then forward with grad, loss and backward one
-micro-batch at a time) against its single-forward path (`Config.single_forward`: every micro-batch's student
-graph kept from scoring to the loss), paper §7 and Eq. 9.
-
-train.py claims its peak is one micro-batch's, whatever the step's size, for the price of a second student
-forward per micro-batch; the single-forward path saves that forward and keeps every graph, so its memory grows
-with the step. This script measures both claims on one `train.train_step` at realistic depth: a random Qwen3
-student (--layers 8, --hidden 512 on CPU) with Qwen3's vocabulary V = 151,936, set up by
-`train.prepare_student` as train.py does (fp32 master weights, training mode, gradient checkpointing), a teacher
-of the same depth 1.5× wider (in --dtype), the type_aware rule at its default ρ, at 1, 2, 4 and 8 micro-batches
-of --micro-batch-size rollouts × ≤ --response-len tokens (synthetic rollouts in rollout.py's layout,
-common.make_rollouts). With one micro-batch train.py takes the single-forward path either way, so the two
-columns of that row measure the same code: their time ratio shows how far the times can be trusted. On GPU
-the student computes under train.py's bf16 autocast.
-
-Each variant (micro-batches × path) runs in its own fresh process (common.run_variants): models, batch and AdamW
-as train.py's setup builds them, a warm-up step at learning rate 0 on 2 short rollouts (AdamW's moments then
-exist and the weights are unchanged, so both paths start their first timed step from the same weights), then
---repeats timed steps. Peak: the largest, over the timed steps, of the memory above the state before the step
-(common.measure: max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each step).
-Time: the median step; the time target compares CPU time on a CPU (common.step_time: a step's own work, which a
-shared machine's load moves less) and wall time on GPU; on CPU the wall times are printed too. On CPU the two
-paths of one size are alive together and take their timed steps in turn, so a shared machine's changing load
-slows both alike; on GPU they run one after the other (one variant's memory at a time). Both paths' first timed
-steps are compared (common.step_agreement): the loss, the gradient norm before clipping, and the clipped
-gradients the optimizer steps with, tensor by tensor as max |Δ| / max |g|.
-
-Targets: two-pass peak at the most micro-batches ≤ 1.2× its peak at the fewest (one); two-pass step time
-≤ 1.35× the single-forward time on the same batch at the most micro-batches (every size is printed). Exit code
-1 when a variant fails, the paths disagree, or a target is missed. --tiny (V = 512, d = 64, 2 layers, micro-batches of
-2 rollouts × ≤16 tokens, 1 step) runs in seconds and checks agreement the same way; at that size the peaks are
-a few MiB of allocator noise and the steps take milliseconds, so it prints the targets without failing on them.
+"""Peak memory and time of one optimizer step (paper §7, Eq. 9) as it grows by micro-batches: train.py's two
+passes (score every micro-batch without grad, select over the whole step, then loss and backward one micro-batch
+at a time) against its single-forward path (`Config.single_forward`), each variant in a fresh process; the two
+must agree. Targets: two-pass peak at the most micro-batches ≤ 1.2× at one; two-pass time ≤ 1.35× single-forward.
 
     python benchmarks/bench_micro_batches.py                     # CPU: d=512, 8 layers, 2 × ≤256 per micro-batch
     python benchmarks/bench_micro_batches.py --device cuda --dtype bfloat16 --hidden 2560 --layers 36
@@ -38,17 +9,48 @@ a few MiB of allocator noise and the steps take milliseconds, so it prints the t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, Verdicts, add_flags, gib, load_average,
-                    machine_line, measured, parse_flags, run_variants, step_agreement, step_setup, step_time,
-                    teacher_hidden_size, time_cell, warm_up_batch)
+from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, BenchFlags, Verdicts, gib, load_average,
+                    machine_line, measured, parse_bench_flags, run_variants, size_arg, step_agreement, step_setup,
+                    step_time, teacher_hidden_size, time_cell, warm_up_batch)
+import tip  # noqa: E402  (common has put the project on the path)
+
+# The claims measured. train.py claims its peak is one micro-batch's, whatever the step's size, for the price of a
+# second student forward per micro-batch; the single-forward path (every micro-batch's student graph kept from
+# scoring to the loss) saves that forward and keeps every graph, so its memory grows with the step. Both are
+# measured on one `train.train_step` at realistic depth: a random Qwen3 student (--layers 8, --hidden 512 on CPU)
+# with Qwen3's vocabulary V = 151,936, set up by `train.prepare_student` as train.py does (fp32 master weights,
+# training mode, gradient checkpointing), a teacher of the same depth 1.5× wider (in --dtype), the type_aware rule
+# at its default ρ, at 1, 2, 4 and 8 micro-batches of --micro-batch-size rollouts × ≤ --response-len tokens
+# (synthetic rollouts in rollout.py's layout, common.make_rollouts). With one micro-batch train.py takes the
+# single-forward path either way, so the two columns of that row measure the same code: their time ratio shows how
+# far the times can be trusted. On GPU the student computes under train.py's bf16 autocast.
+#
+# How. Each variant (micro-batches × path) runs in its own fresh process (common.run_variants): models, batch and
+# AdamW as train.py's setup builds them, a warm-up step at learning rate 0 on 2 short rollouts (AdamW's moments
+# then exist and the weights are unchanged, so both paths start their first timed step from the same weights),
+# then --repeats timed steps. Peak: the largest, over the timed steps, of the memory above the state before the
+# step (common.measure: max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each
+# step). Time: the median step; the time target compares CPU time on a CPU (common.step_time: a step's own work,
+# which a shared machine's load moves less) and wall time on GPU; on CPU the wall times are printed too. On CPU the
+# two paths of one size are alive together and take their timed steps in turn, so a shared machine's changing
+# load slows both alike; on GPU they run one after the other (one variant's memory at a time). Both paths' first
+# timed steps are compared (common.step_agreement): the loss, the gradient norm before clipping, and the clipped
+# gradients the optimizer steps with, tensor by tensor as max |Δ| / max |g|.
+#
+# Targets: two-pass peak at the most micro-batches ≤ 1.2× its peak at the fewest (one); two-pass step time
+# ≤ 1.35× the single-forward time on the same batch at the most micro-batches (every size is printed). Exit code 1
+# when a variant fails, the paths disagree, or a target is missed. --tiny (V = 512, d = 64, 2 layers, micro-batches
+# of 2 rollouts × ≤16 tokens, 1 step) runs in seconds and checks agreement the same way; at that size the peaks
+# are a few MiB of allocator noise and the steps take milliseconds, so it prints the targets without failing on
+# them.
 
 PATHS = ("two-pass", "single-forward")
 RULE = "type_aware"
@@ -57,8 +59,6 @@ PEAK_TARGET, TIME_TARGET = 1.2, 1.35
 # bf16 autocast scoring without grad may pick other attention kernels than with it, which can move a token
 # across the selection threshold
 TOLERANCE = {"exact": 1e-4, "bf16": 5e-2}
-SIZE_HELP = dict(MODEL_SIZE_HELP, micro_batch_size="rollouts per micro-batch",
-                 repeats="timed steps per variant", threads=THREADS_HELP)
 SIZES = {
     "cpu": dict(hidden=512, layers=8, vocab=151936, micro_batch_size=2, response_len=256, chunk_size=512,
                 repeats=1, threads=torch.get_num_threads()),
@@ -67,6 +67,24 @@ SIZES = {
     "tiny": dict(hidden=64, layers=2, vocab=512, micro_batch_size=2, response_len=16, chunk_size=16, repeats=1,
                  threads=1),
 }
+
+
+@dataclass
+class MicroBatchFlags(BenchFlags):
+    dtype: str = tip.arg("float32", "teacher weights (the student is fp32 master weights, bf16 autocast on GPU)",
+                         ["float32", "bfloat16"])
+    hidden: int = size_arg("hidden", SIZES, MODEL_SIZE_HELP["hidden"])
+    layers: int = size_arg("layers", SIZES, MODEL_SIZE_HELP["layers"])
+    vocab: int = size_arg("vocab", SIZES, MODEL_SIZE_HELP["vocab"])
+    micro_batch_size: int = size_arg("micro_batch_size", SIZES, "rollouts per micro-batch")
+    response_len: int = size_arg("response_len", SIZES, MODEL_SIZE_HELP["response_len"])
+    chunk_size: int = size_arg("chunk_size", SIZES, MODEL_SIZE_HELP["chunk_size"])
+    repeats: int = size_arg("repeats", SIZES, "timed steps per variant")
+    threads: int = size_arg("threads", SIZES, THREADS_HELP)
+    micro_batches: list[int] = tip.arg([1, 2, 4, 8], "micro-batches per step to measure; the targets compare the "
+                                       "most with the fewest")
+    gradient_checkpointing: bool = tip.arg(True, "recompute the student's activations in backward, as train.py "
+                                           "does by default")
 
 
 def variant_name(micro_batches: int, path: str) -> str:
@@ -107,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.dtype}, student fp32{' + bf16 autocast' if args.device == 'cuda' else ''} on {args.device}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, median of {args.repeats} "
           f"steps after 1 small warm-up{' (--tiny)' if args.tiny else ''}")
-    print(f"# before: {machine_line(args)}", flush=True)
+    print(f"# before: {machine_line(args.device)}", flush=True)
     results, agreement = {}, {}
     with tempfile.TemporaryDirectory() as folder:  # gradients: one pair of files at a time, deleted once compared
         args.folder = folder
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                         preload=STEP_MODULES))
             agreement[n] = compare(*(results[name] for name in names), args)
             print(f"# {n} micro-batch(es) measured; load average {load_average()}", flush=True)
-    print(f"# after:  {machine_line(args)}")
+    print(f"# after:  {machine_line(args.device)}")
     for r in results.values():
         if "error" not in r and r["first"]["skipped"]:
             r["error"] = f"the step was skipped: {r['first']['skipped']}"
@@ -186,14 +204,8 @@ def check(results: dict, args, verdicts: Verdicts) -> None:
           f"{verdicts.target(f'two-pass time at {most} micro-batches', time_ratio, TIME_TARGET)}")
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_flags(parser, SIZES, SIZE_HELP, "teacher weights (the student is fp32 master weights, bf16 autocast on GPU)")
-    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8],
-                        help="micro-batches per step to measure; the targets compare the most with the fewest")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute the student's activations in backward, as train.py does by default")
-    args = parse_flags(parser, argv, SIZES)
+def parse(argv: list[str] | None = None) -> MicroBatchFlags:
+    args, parser = parse_bench_flags(MicroBatchFlags, argv, SIZES, __doc__.split("\n\n")[0])
     if min(args.micro_batches) < 1:
         parser.error("every --micro-batches count must be at least 1")
     args.micro_batches = sorted(set(args.micro_batches))

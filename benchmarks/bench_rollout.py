@@ -1,11 +1,6 @@
-"""Rollout throughput (paper §3: y ~ S_θ(·|x)) and train.py's whole step, `generate` vs the vLLM engine.
-
-Each engine runs train.py's `run_step` (rollouts, scoring, selection, loss, optimizer; the engine also sleeps
-and takes the new weights) on its own copy of the same random Qwen3 student with Qwen3's vocabulary (151,936;
-tied embeddings, ~100M parameters at the default size), a teacher 1.5x wider, and the same prompts; the two take
-turns step by step, so a change in the machine's load hits both. The table gives, per response length, the
-sampling throughput (response tokens/s, median of --repeats steps) and the whole step's seconds, with ratios.
-Exit code 1 when the engine's sampling misses 2.5x `generate` on the ~100M model. --toy: the built-in toy pair.
+"""Rollout throughput (paper §3: y ~ S_θ(·|x)) and train.py's whole step, `generate` vs the vLLM engine, on the
+same random Qwen3 student (~100M parameters, Qwen3's vocabulary) and prompts; per response length, the sampling
+throughput and the step's seconds. Exit code 1 when the engine's sampling misses 2.5x `generate`.
 
     python benchmarks/bench_rollout.py --lengths 256 1024     # needs: pip install -r requirements-vllm.txt
     python benchmarks/bench_rollout.py --toy --repeats 5
@@ -13,10 +8,10 @@ Exit code 1 when the engine's sampling misses 2.5x `generate` on the ~100M model
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +22,34 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import rollout  # noqa: E402  (after the path fix, so the script runs from any folder)
+import worlds  # noqa: E402
 import tip  # noqa: E402
 
 TARGET = 2.5
+# What runs: each engine runs train.py's `run_step` (rollouts, scoring, selection, loss, optimizer; the engine also
+# sleeps and takes the new weights) on its own copy of the same random Qwen3 student with Qwen3's vocabulary
+# (151,936; tied embeddings, ~100M parameters at the default size), a teacher 1.5x wider, and the same prompts; the
+# two take turns step by step, so a change in the machine's load hits both. The table gives, per response length,
+# the sampling throughput (response tokens/s, median of --repeats steps) and the whole step's seconds, with
+# ratios. --toy: the built-in toy pair and its prompts instead; the target is for the ~100M model, so neither
+# --toy nor --tiny checks it.
+
+
+@dataclass
+class RolloutFlags:
+    lengths: list[int] = tip.arg([], "response lengths (max new tokens) to time; empty = 256 (the toy pair: 48, "
+                                 "its training length)")
+    rollouts: int = tip.arg(32, "rollouts per run")
+    prompts: int = tip.arg(8, "prompts per run (rollouts / prompts samples each)")
+    hidden: int = tip.arg(512, "student hidden size (head_dim 64)")
+    layers: int = tip.arg(8, "student layers")
+    vocab: int = tip.arg(151936, "vocabulary (Qwen3: 151,936)")
+    repeats: int = tip.arg(1, "timed steps per engine and length (median)")
+    threads: int = tip.arg(torch.get_num_threads(), "torch CPU threads")
+    micro_batch_size: int = tip.arg(8, "rollouts per forward/backward in the step")
+    toy: bool = tip.arg(False, "the built-in toy pair and prompts instead of a random Qwen3")
+    seed: int = tip.arg(0, "random seed of the models and prompts")
+    tiny: bool = tip.arg(False, "a tiny model and short rollouts: runs in seconds, target not checked")
 
 
 def word_tokenizer(vocab: int):
@@ -58,10 +78,9 @@ def pair_and_prompts(args):
     """(student, teacher, tokenizer, prompt texts): the toy pair and its train prompts, or random Qwen3s with
     Qwen3's vocabulary (the teacher 1.5x wider, as a real teacher is larger) and random prompts of 16-63 words."""
     if args.toy:
-        import evaluate
         config = tip.Config(**tip.PRESETS["toy"], dtype="float32")
-        teacher, student, tokenizer = evaluate.load_pair(config, torch.device("cpu"))
-        prompts = [p["prompt"] for p in evaluate.load_prompts(config, tokenizer)[:args.prompts]]
+        teacher, student, tokenizer = worlds.load_pair(config, torch.device("cpu"))
+        prompts = [p["prompt"] for p in worlds.load_prompts(config, tokenizer)[:args.prompts]]
         return student, teacher, tokenizer, prompts
     tokenizer = word_tokenizer(args.vocab)
     generator = torch.Generator().manual_seed(args.seed)
@@ -120,7 +139,7 @@ def main(args) -> int:
     n = args.rollouts // len(prompts)
     parameters = sum(p.numel() for p in model.parameters())
     what = "the toy student" if args.toy else f"random Qwen3, hidden {args.hidden}, {args.layers} layers"
-    print(f"{machine_line(args)}\nstudent: {what}, {parameters / 1e6:.1f}M parameters, vocab "
+    print(f"{machine_line('cpu')}\nstudent: {what}, {parameters / 1e6:.1f}M parameters, vocab "
           f"{model.config.vocab_size}, fp32; teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M; "
           f"{n * len(prompts)} rollouts ({len(prompts)} prompts x {n}) per step, type_aware, micro-batches of "
           f"{args.micro_batch_size} with gradient checkpointing, AdamW")
@@ -143,24 +162,8 @@ def main(args) -> int:
     return 1 if missed else 0
 
 
-def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--lengths", type=int, nargs="+", default=None,
-        help="response lengths (max new tokens) to time; default 256 (the toy pair: 48, its training length)")
-    add("--rollouts", type=int, default=32, help="rollouts per run")
-    add("--prompts", type=int, default=8, help="prompts per run (rollouts / prompts samples each)")
-    add("--hidden", type=int, default=512, help="student hidden size (head_dim 64)")
-    add("--layers", type=int, default=8, help="student layers")
-    add("--vocab", type=int, default=151936, help="vocabulary (Qwen3: 151,936)")
-    add("--repeats", type=int, default=1, help="timed steps per engine and length (median)")
-    add("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    add("--micro-batch-size", type=int, default=8, help="rollouts per forward/backward in the step")
-    add("--toy", action="store_true", help="the built-in toy pair and prompts instead of a random Qwen3")
-    add("--seed", type=int, default=0)
-    add("--tiny", action="store_true", help="a tiny model and short rollouts: runs in seconds, target not checked")
-    args = parser.parse_args(argv)
-    args.device = "cpu"
+def parse(argv=None) -> RolloutFlags:
+    args = tip.parse_flags(RolloutFlags, argv, __doc__.split("\n\n")[0])
     args.lengths = args.lengths or [tip.PRESETS["toy"]["max_response_len"] if args.toy else 256]
     if args.tiny:
         args.lengths, args.rollouts, args.prompts, args.hidden, args.layers, args.vocab = [16], 8, 4, 64, 2, 512

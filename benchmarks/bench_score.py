@@ -1,30 +1,6 @@
-"""Peak memory and wall time of the distillation loss, naive vs chunked (score.py; paper Eqs. 1/9).
-
-The loss of Eq. 1 (Eq. 9 over the kept tokens) is the mean reverse KL, KL(P_S ‖ P_T), over N response
-tokens of full-vocabulary distributions. Written the obvious way it materialises [N, V] student and teacher
-logits, their fp32 log-softmaxes and the autograd graph between them: at Qwen3's vocabulary (V = 151,936)
-each fp32 [N, V] tensor is N × 0.6 MB, several stay alive for backward, and peak memory grows with all
-tokens × vocabulary. That is what PAPER.md §7 reports for the paper's base repository (Table 3: peak GPU
-memory 72.0 GB with all tokens vs 35.3 GB with 10 % of them for Qwen3 8B→4B), where the memory saving of
-token selection comes from fewer full-vocabulary rows. `score.reverse_kl_loss` instead computes each chunk's
-gradient in its forward pass and never holds more than `chunk_size` rows of [·, V] tensors.
-
-This script runs, each in its own fresh process (common.run_variants):
-  naive    full student and teacher logits [N, V], fp32 log-softmax, mean reverse KL, autograd backward
-           to the student hidden states and LM head;
-  chunked  score.reverse_kl_loss(..., chunk_size), forward + backward.
-Each child builds its inputs and takes one warm-up step; then both children, alive together, take their
---repeats timed steps in turn (a shared machine's changing load hits both alike). For each it reports the
-largest peak memory above the state right before a step (common.measure: CUDA's max_memory_allocated on GPU;
-on CPU ru_maxrss, lowered to the current RSS before each step), the median wall time (and CPU time, on CPU),
-and the chunked/naive ratios against the targets: memory ≤ 10 % of naive, time ≤ 1.0× naive, where time is
-CPU time on a CPU (common.step_time: a step's own work, which a shared machine's load moves less) and wall
-time on GPU. The children save their loss and gradients and the parent prints the largest differences, so a
-fast wrong path, or a backward with the wrong sign, cannot pass.
-
-Exit code 1 when a variant fails, the two disagree, or a target is missed. --tiny (N = 64, V = 512, d = 32,
-chunk 16, 1 step) runs in seconds and checks agreement the same way; its tensors are a few hundred KiB, below
-what RSS resolves, and its steps take milliseconds, so it prints the targets without failing on them.
+"""Peak memory and time of the distillation loss of paper Eqs. 1/9 (mean reverse KL over N response tokens):
+naive full-vocabulary logits vs chunked (score.reverse_kl_loss), each in a fresh process, with their loss and
+gradients compared. Exit code 1 when a variant fails, the two disagree, or a target is missed.
 
     python benchmarks/bench_score.py                                    # CPU, fp32, N=2048, V=151936, d=256
     python benchmarks/bench_score.py --device cuda --dtype bfloat16 --hidden 4096
@@ -32,16 +8,43 @@ what RSS resolves, and its steps take milliseconds, so it prints the targets wit
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import (THREADS_HELP, Verdicts, add_flags, gib, machine_line, max_abs, max_abs_diff, measure,
-                    parse_flags, run_variants, step_time, time_cell)
+from common import (THREADS_HELP, BenchFlags, Verdicts, gib, machine_line, max_abs, max_abs_diff, measure,
+                    parse_bench_flags, run_variants, size_arg, step_time, time_cell)
 import score  # noqa: E402  (common has put the project on the path)
+import tip  # noqa: E402
+
+# Why chunk (Eq. 1; Eq. 9 over the kept tokens). The loss is the mean reverse KL, KL(P_S ‖ P_T), over N response
+# tokens of full-vocabulary distributions. Written the obvious way it materialises [N, V] student and teacher
+# logits, their fp32 log-softmaxes and the autograd graph between them: at Qwen3's vocabulary (V = 151,936) each
+# fp32 [N, V] tensor is N × 0.6 MB, several stay alive for backward, and peak memory grows with all tokens ×
+# vocabulary. That is what the paper reports for its base repository (§7, Table 3: peak GPU memory 72.0 GB with
+# all tokens vs 35.3 GB with 10 % of them for Qwen3 8B→4B), where the memory saving of token selection comes from
+# fewer full-vocabulary rows. `score.reverse_kl_loss` instead computes each chunk's gradient in its forward pass
+# and never holds more than `chunk_size` rows of [·, V] tensors.
+#
+# How it is measured. Each variant runs in its own fresh process (common.run_variants):
+#   naive    full student and teacher logits [N, V], fp32 log-softmax, mean reverse KL, autograd backward
+#            to the student hidden states and LM head;
+#   chunked  score.reverse_kl_loss(..., chunk_size), forward + backward.
+# Each child builds its inputs and takes one warm-up step; then both children, alive together, take their
+# --repeats timed steps in turn (a shared machine's changing load hits both alike). For each the table gives the
+# largest peak memory above the state right before a step (common.measure: CUDA's max_memory_allocated on GPU;
+# on CPU ru_maxrss, lowered to the current RSS before each step), the median wall time (and CPU time, on CPU),
+# and the chunked/naive ratios against the targets: memory ≤ 10 % of naive, time ≤ 1.0× naive, where time is CPU
+# time on a CPU (common.step_time: a step's own work, which a shared machine's load moves less) and wall time on
+# GPU. The children save their loss and gradients and the parent prints the largest differences, so a fast wrong
+# path, or a backward with the wrong sign, cannot pass.
+#
+# --tiny (N = 64, V = 512, d = 32, chunk 16, 1 step) runs in seconds and checks agreement the same way; its
+# tensors are a few hundred KiB, below what RSS resolves, and its steps take milliseconds, so it prints the
+# targets without failing on them.
 
 VARIANTS = ("naive", "chunked")
 MEMORY_TARGET, TIME_TARGET = 0.10, 1.0
@@ -50,9 +53,17 @@ MEMORY_TARGET, TIME_TARGET = 0.10, 1.0
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 FULL = dict(rows=2048, vocab=151936, hidden=256, chunk_size=512, repeats=3, threads=torch.get_num_threads())
 SIZES = {"cpu": FULL, "cuda": FULL, "tiny": dict(rows=64, vocab=512, hidden=32, chunk_size=16, repeats=1, threads=1)}
-SIZE_HELP = dict(rows="N, scored token rows", vocab="V, vocabulary (Qwen3's: 151,936)",
-                 hidden="d, hidden size of student and teacher", chunk_size="rows per chunk of the chunked loss",
-                 repeats="timed steps after one warm-up step", threads=THREADS_HELP)
+
+
+@dataclass
+class ScoreFlags(BenchFlags):
+    dtype: str = tip.arg("float32", "hidden states and heads of both models", ["float32", "bfloat16"])
+    rows: int = size_arg("rows", SIZES, "N, scored token rows")
+    vocab: int = size_arg("vocab", SIZES, "V, vocabulary (Qwen3's: 151,936)")
+    hidden: int = size_arg("hidden", SIZES, "d, hidden size of student and teacher")
+    chunk_size: int = size_arg("chunk_size", SIZES, "rows per chunk of the chunked loss")
+    repeats: int = size_arg("repeats", SIZES, "timed steps after one warm-up step")
+    threads: int = size_arg("threads", SIZES, THREADS_HELP)
 
 
 # ---------------------------------------------------------------- the two variants (run in a child)
@@ -123,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_score: N={args.rows} rows, V={args.vocab}, d={args.hidden}, chunk {args.chunk_size}, "
           f"{args.dtype} on {args.device}, median of {args.repeats} steps after 1 warm-up"
           f"{' (--tiny)' if args.tiny else ''}")
-    print(f"# before: {machine_line(args)}")
+    print(f"# before: {machine_line(args.device)}")
     verdicts = Verdicts(enforce_targets=not args.tiny)
     with tempfile.TemporaryDirectory() as folder:  # the gradients, one file per variant
         args.folder = folder
         results = run_variants(prepare, VARIANTS, args, args.repeats, together=True)
-        print(f"# after:  {machine_line(args)}\n")
+        print(f"# after:  {machine_line(args.device)}\n")
         failed = print_table(results, args, verdicts)
         if not failed:
             check_agreement(results, args, verdicts)
@@ -172,10 +183,8 @@ def check_agreement(results: dict, args, verdicts: Verdicts) -> None:
     print(f"  {verdicts.agreement('loss and gradients', ok)} (tolerance {tolerance:g} relative, {args.dtype})")
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_flags(parser, SIZES, SIZE_HELP, "hidden states and heads of both models")
-    return parse_flags(parser, argv, SIZES)
+def parse(argv: list[str] | None = None) -> ScoreFlags:
+    return parse_bench_flags(ScoreFlags, argv, SIZES, __doc__.split("\n\n")[0])[0]
 
 
 if __name__ == "__main__":

@@ -1,49 +1,6 @@
-"""Peak memory and wall time of one whole OPD step, TIP at kept ratio ρ vs a naive full-logit step (paper §7,
-Table 3; Eqs. 1 and 9).
-
-TIP trains on KL(P_S ‖ P_T) at the kept tokens only (Eq. 9). In the paper's base repository the memory saving
-of selection comes from fewer full-vocabulary rows: it keeps each chunk's fp32 log-softmax in the autograd
-graph and caches the teacher's full logits, so its peak GPU memory grows with the kept tokens (PAPER.md §7,
-Table 3: Qwen3 8B→4B needs 72.0 GB with every token and 35.3 GB with 10 % of them, 2.04×). train.py never
-holds a [tokens, vocabulary] tensor: teacher and student give final hidden states, per-token h, δ, δ_fwd are
-scored `chunk_size` rows at a time (score.py), selection runs over the global batch (select.py), and the loss
-computes each chunk's gradient in its forward. Its peak is then set by one chunk × V, whatever ρ is.
-
-This script times exactly what train.py does for one optimizer step, `train.train_step` (teacher and student
-forward, chunked scoring, the type_aware selection at ρ, the chunked loss at the kept rows, backward, clip,
-AdamW), at ρ ∈ {1.0, 0.5, 0.1}, and a naive step on the same models and batch: full student logits
-`student(input_ids, attention_mask, position_ids).logits` and teacher logits in fp32 at every position (as
-`.logits` gives them), log-softmax, the reverse KL averaged over response tokens (no selection), backward,
-then train.py's clip and AdamW. The models are small random Qwen3 stacks (student --hidden, teacher 1.5×
-wider, --layers each) with Qwen3's vocabulary V = 151,936, so that, as in real models, the vocabulary
-dominates; the student is set up by `train.prepare_student`, as train.py does it (fp32 master weights,
-training mode, gradient checkpointing unless --no-gradient-checkpointing), with train.py's bf16 autocast on
-GPU; the teacher is in --dtype. The batch is synthetic rollouts laid out as rollout.py returns them
-(common.make_rollouts), so nothing depends on sampling. The default batch is 16 rollouts × ≤256 tokens on GPU
-and 8 × ≤128 on CPU: the naive step holds about 8 fp32 [B, L, V] tensors at its peak, about 21 GiB of RAM at
-16 × 256.
-
-How memory is measured. Each variant runs in its own fresh process, one after another (common.run_variants).
-The child builds the models, the batch and the AdamW optimizer (as train.py's setup does), then takes one
-warm-up step at learning rate 0 on a 2-rollout batch of 8 response tokens: that allocates AdamW's moment
-buffers, which every later step finds in place, and leaves the weights as they were, so every variant's first
-timed step starts from the same weights and the state right before each timed step is the same for every
-variant (weights, teacher, optimizer state, batch; no gradients, as train_step leaves them). The reported peak
-is the largest, over the timed steps, of the memory above that state (common.measure: CUDA's
-max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each step). Time is the median
-wall time of --repeats steps (CUDA synchronised), and on CPU their median CPU time too: on a shared CPU wall
-time depends on the other jobs (the load average is printed before and after), CPU time much less.
-
-Agreement. The ρ = 1.0 step and the naive step compute the same loss and gradient (Eq. 9 with every token kept
-is Eq. 1), so their first timed steps, from the same weights, are compared (common.step_agreement): the losses,
-the gradient norms before clipping, and the clipped gradients the optimizer steps with (kept by a pre-step
-hook, which allocates nothing), tensor by tensor as max |Δ| / max |g|. A fast wrong path, or a backward with
-the wrong sign or scale, cannot pass.
-
-Targets: peak at ρ = 1.0 ≤ 1.15× peak at ρ = 0.1, and every TIP peak below naive. Exit code 1 when a variant
-fails, the paths disagree, or a target is missed. --tiny (V = 512, d = 64, 2 layers, 4 rollouts × ≤16 tokens,
-1 step) runs in seconds and checks agreement the same way; its peaks are a few MiB, where allocator and
-page-size noise decide the ratios, so it prints the targets without failing on them.
+"""Peak memory and time of one whole OPD step (paper §7, Table 3; Eqs. 1 and 9): train.py's `train_step` with
+type_aware at kept ratio ρ ∈ {1.0, 0.5, 0.1} vs a naive full-logit step, each in a fresh process; ρ = 1.0 and
+naive must agree. Targets: peak at ρ = 1.0 ≤ 1.15× peak at ρ = 0.1, every TIP peak below naive.
 
     python benchmarks/bench_step.py                   # CPU, fp32, 8 rollouts × ≤128 tokens, d=256, 2 layers
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --hidden 2048      # 16 rollouts × ≤256 tokens
@@ -51,17 +8,60 @@ page-size noise decide the ratios, so it prints the targets without failing on t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, Verdicts, add_flags, gib, machine_line, measured,
-                    parse_flags, run_variants, step_agreement, step_setup, teacher_hidden_size, time_cell,
-                    warm_up_batch)
+from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, BenchFlags, Verdicts, gib, machine_line, measured,
+                    parse_bench_flags, run_variants, size_arg, step_agreement, step_setup, teacher_hidden_size,
+                    time_cell, warm_up_batch)
+import tip  # noqa: E402  (common has put the project on the path)
+
+# Why the peak should not grow with ρ. TIP trains on KL(P_S ‖ P_T) at the kept tokens only (Eq. 9). In the paper's
+# base repository the memory saving of selection comes from fewer full-vocabulary rows: it keeps each chunk's fp32
+# log-softmax in the autograd graph and caches the teacher's full logits, so its peak GPU memory grows with the
+# kept tokens (paper §7, Table 3: Qwen3 8B→4B needs 72.0 GB with every token and 35.3 GB with 10 % of them,
+# 2.04×). train.py never holds a [tokens, vocabulary] tensor: teacher and student give final hidden states, per-token
+# h, δ, δ_fwd are scored `chunk_size` rows at a time (score.py), selection runs over the global batch (select.py),
+# and the loss computes each chunk's gradient in its forward. Its peak is then set by one chunk × V, whatever ρ is.
+#
+# What is timed: exactly what train.py does for one optimizer step, `train.train_step` (teacher and student
+# forward, chunked scoring, the type_aware selection at ρ, the chunked loss at the kept rows, backward, clip,
+# AdamW), at each ρ, and a naive step on the same models and batch: full student logits
+# `student(input_ids, attention_mask, position_ids).logits` and teacher logits in fp32 at every position (as
+# `.logits` gives them), log-softmax, the reverse KL averaged over response tokens (no selection), backward, then
+# train.py's clip and AdamW. The models are small random Qwen3 stacks (student --hidden, teacher 1.5× wider,
+# --layers each) with Qwen3's vocabulary V = 151,936, so that, as in real models, the vocabulary dominates; the
+# student is set up by `train.prepare_student`, as train.py does it (fp32 master weights, training mode, gradient
+# checkpointing unless --no-gradient-checkpointing), with train.py's bf16 autocast on GPU; the teacher is in
+# --dtype. The batch is synthetic rollouts laid out as rollout.py returns them (common.make_rollouts), so nothing
+# depends on sampling. The default batch is 16 rollouts × ≤256 tokens on GPU and 8 × ≤128 on CPU: the naive step
+# holds about 8 fp32 [B, L, V] tensors at its peak, about 21 GiB of RAM at 16 × 256.
+#
+# How memory is measured. Each variant runs in its own fresh process, one after another (common.run_variants).
+# The child builds the models, the batch and the AdamW optimizer (as train.py's setup does), then takes one
+# warm-up step at learning rate 0 on a 2-rollout batch of 8 response tokens: that allocates AdamW's moment
+# buffers, which every later step finds in place, and leaves the weights as they were, so every variant's first
+# timed step starts from the same weights and the state right before each timed step is the same for every
+# variant (weights, teacher, optimizer state, batch; no gradients, as train_step leaves them). The reported peak is
+# the largest, over the timed steps, of the memory above that state (common.measure: CUDA's max_memory_allocated
+# on GPU; on CPU ru_maxrss, lowered to the current RSS before each step). Time is the median wall time of
+# --repeats steps (CUDA synchronised), and on CPU their median CPU time too: on a shared CPU wall time depends on
+# the other jobs (the load average is printed before and after), CPU time much less.
+#
+# Agreement. The ρ = 1.0 step and the naive step compute the same loss and gradient (Eq. 9 with every token kept
+# is Eq. 1), so their first timed steps, from the same weights, are compared (common.step_agreement): the losses,
+# the gradient norms before clipping, and the clipped gradients the optimizer steps with (kept by a pre-step hook,
+# which allocates nothing), tensor by tensor as max |Δ| / max |g|. A fast wrong path, or a backward with the wrong
+# sign or scale, cannot pass.
+#
+# Exit code 1 when a variant fails, the paths disagree, or a target is missed. --tiny (V = 512, d = 64, 2 layers,
+# 4 rollouts × ≤16 tokens, 1 step) runs in seconds and checks agreement the same way; its peaks are a few MiB,
+# where allocator and page-size noise decide the ratios, so it prints the targets without failing on them.
 
 RATIOS = (1.0, 0.5, 0.1)
 VARIANTS = tuple(f"rho={r}" for r in RATIOS) + ("naive",)
@@ -71,8 +71,6 @@ PEAK_TARGET, PAPER_BASE_RATIO = 1.15, 2.04
 # relative differences accepted between ρ = 1.0 and naive: in fp32 they differ in summation order only; with
 # bf16 (autocast on GPU, a bf16 teacher) the naive path's logits are rounded to bf16 and train.py's are not
 TOLERANCE = {"exact": 1e-4, "bf16": 5e-2}
-SIZE_HELP = dict(MODEL_SIZE_HELP, rollouts="rollouts in the step, one micro-batch",
-                 repeats="timed steps after one small warm-up step", threads=THREADS_HELP)
 SIZES = {  # the naive step would need ≈ 21 GiB of RAM at 16 × 256 (≈ 8 fp32 [B, L, V] tensors at its peak)
     "cpu": dict(hidden=256, layers=2, vocab=151936, rollouts=8, response_len=128, chunk_size=512, repeats=3,
                 threads=torch.get_num_threads()),
@@ -82,11 +80,28 @@ SIZES = {  # the naive step would need ≈ 21 GiB of RAM at 16 × 256 (≈ 8 fp3
 }
 
 
+@dataclass
+class StepFlags(BenchFlags):
+    dtype: str = tip.arg("float32", "teacher weights (the student is fp32 master weights, bf16 autocast on GPU)",
+                         ["float32", "bfloat16"])
+    hidden: int = size_arg("hidden", SIZES, MODEL_SIZE_HELP["hidden"])
+    layers: int = size_arg("layers", SIZES, MODEL_SIZE_HELP["layers"])
+    vocab: int = size_arg("vocab", SIZES, MODEL_SIZE_HELP["vocab"])
+    rollouts: int = size_arg("rollouts", SIZES, "rollouts in the step, one micro-batch")
+    response_len: int = size_arg("response_len", SIZES, MODEL_SIZE_HELP["response_len"])
+    chunk_size: int = size_arg("chunk_size", SIZES, MODEL_SIZE_HELP["chunk_size"])
+    repeats: int = size_arg("repeats", SIZES, "timed steps after one small warm-up step")
+    threads: int = size_arg("threads", SIZES, THREADS_HELP)
+    gradient_checkpointing: bool = tip.arg(True, "recompute the student's activations in backward, as train.py "
+                                           "does by default")
+
+
 # ---------------------------------------------------------------- what a child runs
 
 def naive_step(student, teacher, batch, optimizer, config) -> dict:
     """Eq. 1 the obvious way: [B, L, V] logits from both models, fp32 log-softmax, the reverse KL per position,
     its mean over response tokens, autograd backward through all of it; then train.py's clip and AdamW step."""
+    import tip
     import train
 
     for group in optimizer.param_groups:
@@ -97,7 +112,7 @@ def naive_step(student, teacher, batch, optimizer, config) -> dict:
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                   use_cache=False)
     targets = batch.response_mask[:, 1:]  # the logits at p predict the token at p + 1
-    with train.autocast(device):
+    with tip.autocast(device):
         student_logits = student(**inputs).logits
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits
@@ -146,19 +161,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.dtype}, student fp32{' + bf16 autocast' if args.device == 'cuda' else ''} on {args.device}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"median of {args.repeats} steps after 1 small warm-up{' (--tiny)' if args.tiny else ''}")
-    print(f"# before: {machine_line(args)}")
+    print(f"# before: {machine_line(args.device)}")
     verdicts = Verdicts(enforce_targets=not args.tiny)
     with tempfile.TemporaryDirectory() as folder:  # the compared gradients, one file per variant
         args.folder = folder
         results = run_variants(prepare, VARIANTS, args, args.repeats, together=False, preload=STEP_MODULES)
-        print(f"# after:  {machine_line(args)}")
+        print(f"# after:  {machine_line(args.device)}")
         for r in results.values():
             if "error" not in r and r["first"]["skipped"]:
                 r["error"] = f"the step was skipped: {r['first']['skipped']}"
         if args.device == "cpu":
             exact = all(r.get("exact", True) for r in results.values())
             print("# CPU peak: ru_maxrss " + ("reset before each step via /proc/self/clear_refs" if exact else
-                                               "NOT resettable here: high-water mark since the child started"))
+                                              "NOT resettable here: high-water mark since the child started"))
         failed = print_table(results, args)
         if not failed:
             check(results, args, verdicts)
@@ -203,12 +218,8 @@ def check(results: dict, args, verdicts: Verdicts) -> None:
     print(f"agreement: ρ=1.0 vs naive, {line} ({verdicts.agreement('ρ=1.0 vs naive', ok)}, tolerance {tolerance:g})")
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_flags(parser, SIZES, SIZE_HELP, "teacher weights (the student is fp32 master weights, bf16 autocast on GPU)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute the student's activations in backward, as train.py does by default")
-    return parse_flags(parser, argv, SIZES)
+def parse(argv: list[str] | None = None) -> StepFlags:
+    return parse_bench_flags(StepFlags, argv, SIZES, __doc__.split("\n\n")[0])[0]
 
 
 if __name__ == "__main__":

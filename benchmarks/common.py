@@ -1,5 +1,5 @@
 """What the benchmarks share: variants in fresh processes, memory readings, a random Qwen3 pair and synthetic
-rollouts, gradient comparison, targets and the exit code, the machine line.
+rollouts, gradient comparison, targets and the exit code, their flags (tip.arg) and the machine line.
 
 Every variant runs in its own fresh process, so peaks never mix. The processes are forked from a server
 (multiprocessing's forkserver) that imported the benchmark and the modules named by `preload` once, before
@@ -16,6 +16,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the project's modules, whichever folder the benchmark runs from
     sys.path.insert(0, str(ROOT))
+import tip  # noqa: E402
 
 PROMPT_WIDTH = 32  # prompt columns of the synthetic rollouts; prompts of 8–32 tokens are left-padded to it
 HEAD_DIM = 64
@@ -245,7 +247,6 @@ def step_setup(args, rollouts: int, **config_fields):
     train.py makes it without --fsdp, and a batch of `rollouts` synthetic rollouts. Then a warm-up step at
     learning rate 0 on 2 short rollouts: AdamW's moments exist afterwards, as in every step of a run but the
     first, and the weights are unchanged, so every variant's first timed step starts from the same weights."""
-    import tip
     import train
 
     device = torch.device(args.device)
@@ -383,27 +384,34 @@ MODEL_SIZE_HELP = dict(hidden="student hidden size (the teacher's is 1.5×)", la
                        chunk_size="rows per chunk in scoring and the loss")  # the flags of step_setup
 
 
-def add_flags(parser, sizes: dict, size_help: dict, dtype_help: str) -> None:
-    """--device, --dtype, --seed, --tiny, and an int flag per entry of `size_help` ({flag: help}), left unset so
-    that `parse_flags` fills it from `sizes` ({"cpu"|"cuda"|"tiny": {flag: value}}); its help lists those."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=dtype_help)
-    for flag, text in size_help.items():
-        cpu, cuda, tiny = (sizes[where][flag] for where in ("cpu", "cuda", "tiny"))
-        default = f"{cpu}" if cpu == cuda else f"{cpu} on cpu, {cuda} on cuda"
-        parser.add_argument("--" + flag.replace("_", "-"), type=int, help=f"{text} (default {default}; --tiny {tiny})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (size flags given still win): runs in "
-                        "seconds, checks that the compared paths agree, prints the targets without enforcing them")
+@dataclass
+class BenchFlags:
+    """The flags of every measurement benchmark (tip.arg); each benchmark's dataclass adds its sizes (`size_arg`)
+    and may declare `dtype` again with its own help."""
+    device: str = tip.arg("cpu", "where the variants run", ["cpu", "cuda"])
+    dtype: str = tip.arg("float32", "dtype of the measured tensors", ["float32", "bfloat16"])
+    seed: int = tip.arg(0, "random seed of the models and inputs")
+    tiny: bool = tip.arg(False, "tiny sizes (size flags given still win): runs in seconds, checks that the compared "
+                         "paths agree, prints the targets without enforcing them")
 
 
-def parse_flags(parser, argv: list[str] | None, sizes: dict):
-    """The parsed flags, unset sizes filled from `sizes`, every size checked; stops with a clear message on a
-    bad value or on --device cuda without a GPU. Sets the torch threads, so that the machine line says them."""
-    args = parser.parse_args(argv)
+def size_arg(flag: str, sizes: dict, text: str):
+    """An int size flag of a BenchFlags dataclass: 0 (its default) means the size `sizes` ({"cpu"|"cuda"|"tiny":
+    {flag: value}}) gives for --device, or for --tiny; its help lists them."""
+    cpu, cuda, tiny = (sizes[where][flag] for where in ("cpu", "cuda", "tiny"))
+    default = f"{cpu}" if cpu == cuda else f"{cpu} on cpu, {cuda} on cuda"
+    return tip.arg(0, f"{text} (0 = {default}; --tiny {tiny})")
+
+
+def parse_bench_flags(flags_class, argv: list[str] | None, sizes: dict, description: str):
+    """(the flags, their parser): sizes left at 0 filled from `sizes`, every size checked; stops with a clear
+    message on a bad value or on --device cuda without a GPU. Sets the torch threads, so that the machine line
+    says them."""
+    parser = tip.flag_parser(flags_class, description)
+    args = flags_class(**tip.given_flags(parser.parse_args(argv), flags_class))
     chosen = sizes["tiny" if args.tiny else args.device]
     for flag, value in chosen.items():
-        if getattr(args, flag) is None:
+        if getattr(args, flag) == 0:
             setattr(args, flag, value)
     for flag in chosen:
         least = 2 if flag == "vocab" else 1
@@ -412,7 +420,7 @@ def parse_flags(parser, argv: list[str] | None, sizes: dict):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; none is visible (drop the flag to run on CPU)")
     torch.set_num_threads(args.threads)  # the children set it from args too
-    return args
+    return args, parser
 
 
 def require_positive(cli, flags) -> None:
@@ -422,8 +430,8 @@ def require_positive(cli, flags) -> None:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cli, flag)}")
 
 
-def machine_line(args) -> str:
-    if args.device == "cuda":
+def machine_line(device: str) -> str:
+    if device == "cuda":
         where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (not available here)"
     else:
         where = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"

@@ -1,23 +1,14 @@
-"""The paper's rule tables at toy scale (Tables 3–6, 8): every rule at several kept ratios, with seeds.
+"""The paper's rule tables at toy scale (Tables 3–6, 8): every rule at several kept ratios, with seeds, on a
+built-in world (§3–4); --report measures the world's own pair instead (its accuracies, the quadrants of §4, the
+tokens of its known mistake).
 
     python benchmarks/study.py --world toy --jobs 2     # the full grid below, 3 seeds, 300 steps each
     python benchmarks/study.py --world facts --jobs 2
     python benchmarks/study.py --quick                  # 4 rules x 2 seeds x 60 steps: ~15 min on 2 cores
-    python benchmarks/study.py --world agent --report   # the world's own pair: accuracies, quadrants, mistakes
-
-A run is train.py on a built-in world (toy preset) with one rule, kept ratio ρ, loss and seed (the seed changes
-the rollouts and the selection draws, not the starting student); its final student is then measured: mean@k on
-every held-out split, the reverse KL to the teacher on its own test rollouts, and what it still does at the
-world's known-mistake tokens. From train.py's metrics come the kept tokens, the share of them that are mistake
-tokens, and every --track-every steps the mistake tokens' quadrants and kept share. `all` with
---exclude-mistakes is the exclusion control (never trained on the mistake tokens). A run's result is one JSON
-file under <out>/runs/, written once the run is complete, so a stopped study resumes where it stopped.
-Writes <out>/study.json, <out>/study.md (mean ± std over seeds) and <out>/study.png.
+    python benchmarks/study.py --world toy --report     # the pair: accuracies, quadrants, mistakes (world.json)
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import os
 import shutil
@@ -31,16 +22,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402  (after the path fix, so the script runs from any folder)
-import score  # noqa: E402
-import tip  # noqa: E402
-import train  # noqa: E402  (its response_hidden_states: the scored positions of a rollout)
-from rollout import generate_conversations, generate_rollouts  # noqa: E402
-
-MAX_NEW = tip.PRESETS["toy"]["max_response_len"]  # the length the worlds train at
+from world_measures import ROOT, measure_model, world_report
+import tip  # noqa: E402  (world_measures has put the project on the path)
+import train  # noqa: E402
+import worlds  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,11 +55,20 @@ def parse_setting(text: str) -> Setting:
     """"rule:ratio[:loss][:excluded]", e.g. "q3:0.1" or "all:1:reverse_kl:excluded"."""
     parts = text.split(":")
     if len(parts) < 2 or len(parts) > 4 or (len(parts) == 4 and parts[3] != "excluded"):
-        raise argparse.ArgumentTypeError(f"{text!r}: write rule:ratio[:loss][:excluded], e.g. q3:0.1")
+        raise ValueError("write rule:ratio[:loss][:excluded], e.g. q3:0.1")
     return Setting(parts[0], float(parts[1]), parts[2] if len(parts) > 2 else "reverse_kl", len(parts) == 4)
 
 
 # ---------------------------------------------------------------- one run
+
+# A run is train.py on a built-in world (toy preset) with one rule, kept ratio ρ, loss and seed (the seed changes
+# the rollouts and the selection draws, not the starting student); its final student is then measured: mean@k on
+# every held-out split, the reverse KL to the teacher on its own test rollouts, and what it still does at the
+# world's known-mistake tokens. From train.py's metrics come the kept tokens, the share of them that are mistake
+# tokens, and every --track-every steps the mistake tokens' quadrants and kept share. `all` with
+# --exclude-mistakes is the exclusion control (never trained on the mistake tokens). A run's result is one JSON
+# file under <out>/runs/, written once the run is complete, so a stopped study resumes where it stopped. The
+# study writes <out>/study.json, <out>/study.md (mean ± std over seeds) and <out>/study.png.
 
 def train_arguments(setting: Setting, seed: int, args, run_dir: Path) -> list[str]:
     argv = ["--prompts", args.world, "--rule", setting.rule, "--ratio", f"{setting.ratio:g}", "--divergence",
@@ -103,78 +97,6 @@ def tracked(rows: list[dict], every: int) -> list[dict]:
     return windows
 
 
-@torch.no_grad()
-def measure_model(world: str, world_dir: str, folder: Path, samples: int, seed: int) -> dict:
-    """mean@k (T=1) of the model in `folder` on each held-out split; on its test rollouts scored against the
-    world's teacher: the quadrants of §4 (median split; token and reverse-KL mass shares), the mean reverse KL
-    (Eq. 3) and, at the world's known-mistake tokens, how many there are per rollout, how often the token is
-    not the teacher's first choice, their share of the KL mass, their quadrants and share below the median h."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    world_folder = evaluate.world_folder(world, world_dir)
-    tokenizer = AutoTokenizer.from_pretrained(world_folder / "student")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(world_folder / "teacher", dtype=torch.float32).eval()
-    report, max_turns = {"accuracy": {}}, tip.Config().max_turns
-    for split in [s for s in importlib.import_module(world).SPLITS if s != "train"]:
-        problems = evaluate.world_problems(world, split, world_dir)
-        tasks = evaluate.world_tasks(world, problems, tokenizer)
-        generate = evaluate.model_generator(model, tokenizer, MAX_NEW, 1.0, 1.0, seed, 512, tasks=tasks,
-                                            max_turns=max_turns)
-        summary, _ = evaluate.run_benchmark(problems, evaluate.benchmark_prompts(problems, tokenizer, bare=True),
-                                            generate, samples, batch_size=512, show_progress=False)
-        report["accuracy"][split] = summary["accuracy"]
-    problems = evaluate.world_problems(world, "test", world_dir)
-    prompts, tasks = evaluate.benchmark_prompts(problems, tokenizer, bare=True), evaluate.world_tasks(world, problems,
-                                                                                                       tokenizer)
-    rollouts = (generate_conversations(model, tokenizer, [tasks[p] for p in prompts], 1, MAX_NEW, max_turns, 1.0, 1.0,
-                                       seed + 1, batch_size=512) if tasks else
-                generate_rollouts(model, tokenizer, prompts, 1, MAX_NEW, 1.0, 1.0, seed=seed + 1, batch_size=512))
-    scored = rollouts.response_mask[:, 1:]  # the hidden state at p predicts the token at p + 1
-    logits = {role: train.response_hidden_states(m, rollouts, slice(None))
-              @ tip.lm_head_weight(m).T for role, m in (("model", model), ("teacher", teacher))}
-    stats = score.token_stats(logits["model"], logits["teacher"])
-    h = score.normalized_entropy(stats.entropy, logits["model"].shape[-1])
-    quadrant = tip.load_select().quadrants(h, stats.reverse_kl, torch.ones_like(h, dtype=torch.bool))
-    kl = stats.reverse_kl.double()
-    def mass(where):  # None for the teacher against itself
-        return float(kl[where].sum() / kl.sum()) if kl.sum() > 0 else None
-    report["held_out_reverse_kl"] = float(kl.mean())
-    report["quadrants"] = {f"Q{q}": {"token_share": float((quadrant == q).double().mean()),
-                                     "kl_mass_share": mass(quadrant == q)} for q in range(1, 5)}
-    mistakes = evaluate.world_mistake_mask(world, tokenizer, rollouts, prompts)
-    if mistakes is not None:
-        mistakes = mistakes[:, 1:][scored]
-        sampled = rollouts.input_ids[:, 1:][scored]
-        report["mistakes"] = {"per_rollout": float(mistakes.sum()) / len(rollouts.texts)}
-        if mistakes.any():
-            report["mistakes"].update(
-                not_teacher_choice=float((sampled[mistakes] != logits["teacher"][mistakes].argmax(-1)).double().mean()),
-                kl_mass_share=mass(mistakes),
-                below_median_h=float((h[mistakes] <= h.median()).double().mean()),
-                **{f"q{q}_share": float((quadrant[mistakes] == q).double().mean()) for q in range(1, 5)})
-    return report
-
-
-def world_report(args) -> dict:
-    """The world's teacher and student measured as a trained run is (`measure_model`), printed and written to
-    <out>/world.json."""
-    folder = evaluate.world_folder(args.world, args.world_dir)
-    report = {"world": str(folder), "samples": args.samples, **{role: measure_model(
-        args.world, args.world_dir, folder / role, args.samples, 0) for role in ("teacher", "student")}}
-    evaluate.write_json(Path(args.out) / "world.json", report)
-    splits = list(report["student"]["accuracy"])
-    print(f"{args.world} world {folder}, mean@{args.samples} at T=1 (%): " + "; ".join(
-        f"{role} " + ", ".join(f"{s} {100 * report[role]['accuracy'][s]:.1f}" for s in splits)
-        for role in ("teacher", "student")))
-    student = report["student"]
-    print("student's test rollouts against the teacher, median split: " + ", ".join(
-        f"{q} {100 * v['token_share']:.1f} % of tokens / {100 * (v['kl_mass_share'] or 0):.1f} % of KL"
-        for q, v in student["quadrants"].items()))
-    if "mistakes" in student:
-        print("known-mistake tokens: " + json.dumps({k: round(v, 4) for k, v in student["mistakes"].items()}))
-    return report
-
-
 def run_one(setting: Setting, seed: int, args) -> dict:
     """Train one run, measure it, write <out>/runs/<name>.json (atomically) and delete its training folder."""
     name = f"{setting.name}-s{seed}"
@@ -198,7 +120,7 @@ def run_one(setting: Setting, seed: int, args) -> dict:
     start = time.time()
     result.update(measure_model(args.world, args.world_dir, run_dir / "final", args.samples, seed))
     result["measure_seconds"] = time.time() - start
-    evaluate.write_json(Path(args.out) / "runs" / f"{name}.json", result)
+    tip.write_json(Path(args.out) / "runs" / f"{name}.json", result)
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
@@ -318,13 +240,38 @@ def write_outputs(args, settings: list[Setting]) -> list[dict]:
     splits = list(runs[0]["accuracy"])
     table = markdown(rows, splits)
     out = Path(args.out)
-    evaluate.write_json(out / "study.json", {"world": args.world, "steps": args.steps, "samples": args.samples,
-                                             "command": "python benchmarks/study.py " + " ".join(sys.argv[1:]),
-                                             "rows": rows, "runs": runs})
+    tip.write_json(out / "study.json", {"world": args.world, "steps": args.steps, "samples": args.samples,
+                                        "command": "python benchmarks/study.py " + " ".join(sys.argv[1:]),
+                                        "rows": rows, "runs": runs})
     tip.write_atomically(out / "study.md", lambda tmp: tmp.write_text(table))
     plot(rows, out / "study.png", args.world, splits)
     print(table)
     return rows
+
+
+# ---------------------------------------------------------------- command line
+
+@dataclass
+class StudyFlags:
+    world: str = tip.arg("toy", "the built-in world to study", list(worlds.WORLDS))
+    settings: list[str] = tip.arg([], "rule:ratio[:loss][:excluded] settings to run instead of the full grid (e.g. "
+                                  "q3:0.1 all:1:jsd); empty = the full grid (--quick: 4 rules)")
+    quick: bool = tip.arg(False, "4 rules x 2 seeds x 60 steps, mean@2 (about 15 min on 2 cores)")
+    seeds: int = tip.arg(0, "seeds 0..n-1 per setting (0 = 3; --quick 2)")
+    steps: int = tip.arg(0, "optimizer steps per run (0 = 300; --quick 60)")
+    samples: int = tip.arg(0, "samples per held-out problem, mean@k (0 = 4; --quick 2)")
+    jobs: int = tip.arg(1, "runs at once, each in a process of its own")
+    threads: int = tip.arg(0, "torch threads per run (0: the cores divided by --jobs); --report: torch threads "
+                           "(0: torch's default; on a CPU shared with other jobs 1 is fastest)")
+    track_every: int = tip.arg(25, "steps per window of the mistake tokens' tracking")
+    out: str = tip.arg("", "results folder (empty = benchmarks/results/study-<world>[-quick])")
+    work_dir: str = tip.arg("", "training folders while runs train (empty = runs/study-<world>[-quick])")
+    world_dir: str = tip.arg("", "where the built-in worlds are cached (empty = $TIP_CACHE or ~/.cache/tip)")
+    report: bool = tip.arg(False, "measure the world's teacher and student instead (<out>/world.json)")
+    report_seed: int = tip.arg(0, "--report: the sampling seed of the measurement")
+    rebuild: bool = tip.arg(False, "--report: build the world again even when it is cached")
+    in_process: bool = tip.arg(False, "run one after another in this process (tests, debugging)")
+    one: str = tip.arg("", "internal: be the run process of one [setting, seed] (JSON); the study starts these")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         world_report(args)
         return 0
-    settings = args.settings or (QUICK if args.quick else RULE_GRID + CONTROL + LOSS_GRID)
+    settings = [parse_setting(text) for text in args.settings] or (QUICK if args.quick else
+                                                                   RULE_GRID + CONTROL + LOSS_GRID)
     rules = tip.load_select().RULES
     for setting in settings:  # every mistake before any run starts
         if setting.rule not in rules or not 0 < setting.ratio <= 1:
@@ -347,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(s, seed) for s in settings for seed in range(args.seeds) if f"{s.name}-s{seed}" not in done]
     print(f"study on the {args.world} world: {len(settings)} settings x {args.seeds} seeds, {args.steps} steps; "
           f"{len(todo)} runs to go ({len(settings) * args.seeds - len(todo)} done) in {args.out}", flush=True)
-    evaluate.world_folder(args.world, args.world_dir)  # build the world once, before runs start in parallel
+    worlds.world_folder(args.world, args.world_dir)  # build the world once, before runs start in parallel
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.time()
     if args.in_process:
@@ -364,26 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--world", default="toy", choices=evaluate.WORLDS, help="the built-in world to study")
-    add("--settings", type=parse_setting, nargs="+", default=None,
-        help="rule:ratio[:loss][:excluded] settings to run instead of the full grid (e.g. q3:0.1 all:1:jsd)")
-    add("--quick", action="store_true", help="4 rules x 2 seeds x 60 steps, mean@2 (about 15 min on 2 cores)")
-    add("--seeds", type=int, default=None, help="seeds 0..n-1 per setting (default 3; --quick 2)")
-    add("--steps", type=int, default=None, help="optimizer steps per run (default 300; --quick 60)")
-    add("--samples", type=int, default=None, help="samples per held-out problem, mean@k (default 4; --quick 2)")
-    add("--jobs", type=int, default=1, help="runs at once, each in a process of its own")
-    add("--threads", type=int, default=0, help="torch threads per run (0: the cores divided by --jobs)")
-    add("--track-every", type=int, default=25, help="steps per window of the mistake tokens' tracking")
-    add("--out", default="", help="results folder (default benchmarks/results/study-<world>[-quick])")
-    add("--work-dir", default="", help="training folders while runs train (default runs/study-<world>)")
-    add("--world-dir", default="", help="where the built-in worlds are cached (default: $TIP_CACHE or ~/.cache/tip)")
-    add("--report", action="store_true", help="measure the world's teacher and student instead (world.json)")
-    add("--in-process", action="store_true", help="run one after another in this process (tests, debugging)")
-    add("--one", default="", help=argparse.SUPPRESS)  # a run process: [setting, seed] as JSON
-    args = parser.parse_args(argv)
+def parse(argv=None) -> StudyFlags:
+    parser = tip.flag_parser(StudyFlags, __doc__.split("\n\n")[0])
+    args = StudyFlags(**tip.given_flags(parser.parse_args(argv), StudyFlags))
+    for text in args.settings:
+        try:
+            parse_setting(text)
+        except ValueError as error:
+            parser.error(f"--settings {text!r}: {error}")
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.steps = args.steps or (60 if args.quick else 300)
     args.samples = args.samples or (2 if args.quick else 4)

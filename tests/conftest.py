@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-if str(ROOT / "benchmarks") not in sys.path:  # the measurement scripts (toy_world, study) are tested too
+if str(ROOT / "benchmarks") not in sys.path:  # the measurement scripts (study, world_measures) are tested too
     sys.path.append(str(ROOT / "benchmarks"))
 
 

@@ -11,17 +11,19 @@ narrowed with -k where the whole file would be slow.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tip  # noqa: E402  (the project's flags, after the path fix)
 
 
 class Mutant(NamedTuple):
@@ -59,12 +61,12 @@ MUTANTS = [
     Mutant("normalization over this rank only", "select.py", "batch = gather_uneven(values[valid])",
            "batch = values[valid]", ("tests/test_select.py", "-k", "ranks")),
     # tip.py: loading and positions
-    Mutant("positions count padding", "tip.py", "position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
+    Mutant("positions count padding", "pair.py", "position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)",
            "position_ids = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)",
            ("tests/test_tip.py", "tests/test_train.py", "-k", "hidden or plain_formula")),
-    Mutant("different tokenizers accepted", "tip.py", "if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():",
+    Mutant("different tokenizers accepted", "pair.py", "if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():",
            "if False:", ("tests/test_tip.py",)),
-    Mutant("chat-template switches dropped", "tip.py", "add_generation_prompt=True, **(template_switches or {}))",
+    Mutant("chat-template switches dropped", "data.py", "add_generation_prompt=True, **(template_switches or {}))",
            "add_generation_prompt=True)", ("tests/test_tip.py",)),
     # rollout.py: the response mask
     Mutant("EOS left out of the response mask", "rollout.py", "r[:next((t + 1 for t, token in enumerate(r) if",
@@ -74,38 +76,41 @@ MUTANTS = [
     # train.py: the step
     Mutant("Eq. 9 normalized per micro-batch", "train.py", "(loss / kept_tokens).backward()",
            "(loss / max(int(kept_rows.sum()), 1)).backward()", ("tests/test_train.py", "-k", "micro_batches")),
-    Mutant("gradients not summed over ranks", "train.py", "for work in [dist.all_reduce(g, async_op=True) for g in replicated]:",
+    Mutant("gradients not summed over ranks", "train.py",
+           "for work in [dist.all_reduce(g, async_op=True) for g in replicated]:",
            "for work in []:", ("tests/test_train.py", "-k", "ranks_match and ddp")),
-    Mutant("FSDP2 halves the sharded gradients", "train.py", "layer.set_gradient_divide_factor(1.0)",
+    Mutant("FSDP2 halves the sharded gradients", "tip.py", "layer.set_gradient_divide_factor(1.0)",
            "layer.set_gradient_divide_factor(2.0)", ("tests/test_train.py", "-k", "ranks_match and fsdp")),
     Mutant("the student stays in eval mode", "train.py", "student.float().train()", "student.float()",
            ("tests/test_train.py", "-k", "checkpointing")),
-    Mutant("rollouts dropped on uneven shares", "train.py", "share = len(rollouts) / tip.world_size()",
+    Mutant("rollouts dropped on uneven shares", "data.py", "share = len(rollouts) / tip.world_size()",
            "share = len(rollouts) // tip.world_size()", ("tests/test_train.py", "-k", "rollout_shares")),
     Mutant("cosine over a quarter period", "train.py", "cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))",
            "cosine = math.cos(0.5 * math.pi * min(1.0, progress))", ("tests/test_train.py", "-k", "cosine")),
     Mutant("a NaN score is not caught before selection", "train.py", "if response_tokens == 0 or non_finite:",
            "if response_tokens == 0:", ("tests/test_train.py", "-k", "non_finite")),
-    Mutant("resume does not restore the random state", "train.py", "torch.set_rng_state(rng[\"torch\"])",
+    Mutant("resume does not restore the random state", "checkpoint.py", "torch.set_rng_state(rng[\"torch\"])",
            "torch.get_rng_state()", ("tests/test_train.py", "-k", "resume")),
-    Mutant("every rank evaluates every held-out problem", "train.py", "mine = problems[tip.rank()::tip.world_size()]",
+    Mutant("every rank evaluates every held-out problem", "evaluate.py",
+           "mine = problems[tip.rank()::tip.world_size()]",
            "mine = problems", ("tests/test_train.py", "-k", "held_out")),
     Mutant("kept quadrant shares over all tokens", "train.py",
-           'metrics[f"q{q}_share_kept"] = totals[8 + q] / max(kept_tokens, 1)',
-           'metrics[f"q{q}_share_kept"] = totals[8 + q] / response_tokens',
+           'metrics[f"q{q}_share_kept"] = shares[3 + q] / max(kept_tokens, 1)',
+           'metrics[f"q{q}_share_kept"] = shares[3 + q] / response_tokens',
            ("tests/test_train.py", "-k", "plain_formula or as_trained")),
-    Mutant("the exclusion control excludes nothing", "train.py", "kept_mask &= ~mistakes", "kept_mask & ~mistakes",
+    Mutant("the exclusion control excludes nothing", "train.py",
+           "return kept_mask & ~mistakes if config.exclude_mistakes else kept_mask", "return kept_mask",
            ("tests/test_train.py", "-k", "exclude")),
     # evaluate.py: grading, mean@k, the taxonomy
-    Mutant("the first box is graded", "evaluate.py", "start, depth = opens[-1].end(), 1",
+    Mutant("the first box is graded", "grade.py", "start, depth = opens[-1].end(), 1",
            "start, depth = opens[0].end(), 1", ("tests/test_evaluate.py", "-k", "grader or extract")),
     Mutant("mean@k divides by the problem count", "evaluate.py", "per_problem = [sum(c) / k for c in correct]",
            "per_problem = [sum(c) / len(correct) for c in correct]", ("tests/test_evaluate.py", "-k", "mean")),
-    Mutant("grading off the main thread skips the pool", "evaluate.py",
+    Mutant("grading off the main thread skips the pool", "grade.py",
            "if threading.current_thread() is threading.main_thread():", "if True:",
            ("tests/test_evaluate.py", "-k", "threads or timeout")),
-    Mutant("the taxonomy splits at the mean", "evaluate.py",
-           "h_split = float(select._quantile(h.double(), 0.5)) if h_split is None else h_split",
+    Mutant("the taxonomy splits at the mean", "taxonomy.py",
+           "h_split = float(select.quantile(h.double(), 0.5)) if h_split is None else h_split",
            "h_split = float(h.double().mean()) if h_split is None else h_split", ("tests/test_evaluate.py", "-k", "taxonomy")),
     # toy.py: the built-in world
     Mutant("the no-carry rule carries", "toy.py", "result += (a % 10 + b % 10) % 10 * place",
@@ -162,18 +167,21 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, float]:
         return ("caught" if caught else "SURVIVED"), time.time() - start
 
 
+@dataclass
+class MutateFlags:
+    only: list[str] = tip.arg([], "run the mutants whose names contain all of these words")
+    list: bool = tip.arg(False, "list the mutants and exit")
+    timeout: float = tip.arg(600.0, "seconds for one mutant's tests")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", default=[], help="run the mutants whose names contain these words")
-    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds for one mutant's tests")
-    args = parser.parse_args()
+    args = tip.parse_flags(MutateFlags, None, __doc__.split("\n\n")[0])
     chosen = [m for m in MUTANTS if all(word.lower() in m.name.lower() for word in args.only)]
     if args.list:
         for m in chosen:
             print(f"{m.file:12} {m.name}")
         return 0
-    print(f"| mutant | file | verdict | seconds |\n|---|---|---|---|", flush=True)
+    print("| mutant | file | verdict | seconds |\n|---|---|---|---|", flush=True)
     verdicts = []
     for mutant in chosen:
         verdict, seconds = run(mutant, args.timeout)

@@ -6,8 +6,10 @@ import json
 import pytest
 
 import agent
+import data
 import facts
 import rollout
+import worlds
 import tip
 
 TINY = agent.AgentRecipe(facts=6, wrong_facts=2, train_problems=30, test_problems=8, trigger_problems=6,
@@ -76,7 +78,7 @@ def test_generated_conversations_lay_out_as_the_sft_data(monkeypatch, student):
         right = p["answer"] == str(facts.solve(*facts.parse_problem(p["problem"]), used)[1])
         assert agent.agent_task(p).reward(conversation) == float(right)
         tokens = tokenizer.convert_ids_to_tokens(batch.input_ids[b][batch.response_mask[b]].tolist())
-        positions = agent.agent_mistake_positions(tip.format_prompt(tokenizer, p["problem"]), tokens, TINY)
+        positions = agent.agent_mistake_positions(data.format_prompt(tokenizer, p["problem"]), tokens, TINY)
         names = facts.parse_problem(p["problem"])[0]
         assert [tokens[i] for i in positions] == [confused.get(n, n) for n in names if n in agent.confusions(TINY)]
 
@@ -104,7 +106,7 @@ def test_miniature_world_builds_and_trains_with_conversations(tmp_path, monkeypa
     assert info["recipe"] == dataclasses.asdict(TINY) and info["confusions"] == agent.confusions(TINY)
     assert agent.agent_problems("trigger", tmp_path) == agent.agent_problems("trigger")  # read back as drawn
     config = tip.Config(prompts="agent", world_dir=str(tmp_path), max_prompt_len=64)
-    prompts = evaluate.load_prompts(config, agent.build_tokenizer())
+    prompts = worlds.load_prompts(config, agent.build_tokenizer())
     assert all(isinstance(p["task"], rollout.Task) for p in prompts)
     sampled = []
     monkeypatch.setattr(train, "generate_conversations",

@@ -1,6 +1,5 @@
 """Multi-turn rollouts with tools (rollout.generate_conversations, §7 agentic): exact masks on scripted
 conversations, malformed calls, turn and token limits, and a real model's conversations scored and trained."""
-import json
 
 import pytest
 import torch

@@ -11,6 +11,7 @@ from transformers.utils import get_json_schema
 import deepplanning
 import deepplanning_checks
 import rollout
+import worlds
 import tip
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepplanning"
@@ -302,19 +303,18 @@ def test_no_plan_scores_0():
 def test_train_reads_deepplanning_tasks_as_conversations(tmp_path):
     """--prompts deepplanning:PATH gives train.py one conversation with tools per train-split task, its reward
     the rule-based score; too short a --max-prompt-len is refused with the length it needs."""
-    import evaluate
     from conftest import char_tokenizer
     tokenizer = char_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                                "{% endfor %}{% if tools %}{{ tools | length }} tools{% endif %}"
                                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     config = tip.Config(prompts=f"deepplanning:{FIXTURE}", max_prompt_len=100000, chat_template_kwargs="{}")
-    prompts = evaluate.load_prompts(config, tokenizer)
+    prompts = worlds.load_prompts(config, tokenizer)
     tasks = deepplanning.deepplanning_tasks(str(FIXTURE), "train")
     assert len(prompts) == len(tasks) > 0 and all(p["answer"] is None for p in prompts)
     assert all(p["prompt"].endswith("9 tools<|im_start|>assistant\n") and p["task"].reward for p in prompts)
     with pytest.raises(tip.InputError, match="raise --max-prompt-len"):
-        evaluate.load_prompts(tip.Config(prompts=f"deepplanning:{FIXTURE}", max_prompt_len=5,
+        worlds.load_prompts(tip.Config(prompts=f"deepplanning:{FIXTURE}", max_prompt_len=5,
                                          chat_template_kwargs="{}"), tokenizer)
 
 

@@ -11,10 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import data
+import grade
+import taxonomy
+import worlds
 import evaluate
+import pair
 import tip
 from conftest import ROOT
-from evaluate import extract_boxed, is_correct
+from grade import extract_boxed, is_correct
 
 
 # (response, reference answer, verdict)
@@ -117,11 +122,11 @@ def test_a_pathological_answer_is_cut_off_by_the_timeout(thread):
     """sympy would evaluate 10^(10^10) for minutes; math-verify's limit turns it into a wrong answer, in the
     main thread (signal.alarm) and from a worker thread (the pool). Run in a child process: a broken limit
     hangs the child, and the test fails at the subprocess timeout instead of hanging the suite."""
-    call = "evaluate.is_correct('\\\\boxed{10^{10^{10}}}', '3')"
-    code = (f"import evaluate; print({call})" if thread == "main" else "import evaluate; from concurrent.futures "
+    call = "grade.is_correct('\\\\boxed{10^{10^{10}}}', '3')"
+    code = (f"import grade; print({call})" if thread == "main" else "import grade; from concurrent.futures "
             f"import ThreadPoolExecutor; print(ThreadPoolExecutor(1).submit(lambda: {call}).result())")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=20 * evaluate.GRADE_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=20 * grade.GRADE_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
 
 
@@ -283,7 +288,7 @@ def test_mean_at_k_refuses_ragged_samples_and_taxonomy_refuses_empty_rollouts(ti
     monkeypatch.setattr(rollout, "generate_rollouts", lambda *a, **k: real(*a, **k)._replace(
         response_mask=torch.zeros_like(real(*a, **k).response_mask)))
     with pytest.raises(ValueError, match="no sampled tokens to score"):
-        evaluate.taxonomy(student, student, tokenizer, [tip.format_prompt(tokenizer, "1+2=")], samples=1,
+        taxonomy.taxonomy(student, student, tokenizer, [data.format_prompt(tokenizer, "1+2=")], samples=1,
                           max_new_tokens=3, batch_size=2)
 
 
@@ -353,7 +358,7 @@ def test_toy_benchmark_is_the_held_out_split_asked_bare(tiny_pair):
     assert "\\boxed{}" in math[0] and "step by step" in math[0] and problems[0]["problem"] in math[0]
 
 
-@pytest.mark.parametrize("name", evaluate.WORLDS)
+@pytest.mark.parametrize("name", worlds.WORLDS)
 def test_a_world_named_by_prompts_gives_the_pair_train_prompts_and_test_problems(name, tiny_pair, monkeypatch):
     """No --teacher/--student: the pair, the prompts and the held-out problems all come from the world that
     --prompts names, through its module's <name>_world and <name>_problems, with the cache folder passed on."""
@@ -364,20 +369,20 @@ def test_a_world_named_by_prompts_gives_the_pair_train_prompts_and_test_problems
         {"problem": f"{split} 1+2", "answer": "3"}])
     monkeypatch.setitem(sys.modules, name, world)
     config = tip.Config(prompts=name, world_dir="CACHE")
-    teacher, student, tokenizer = evaluate.load_pair(config, "cpu")
-    assert tip.lm_head_weight(teacher).shape[1] == 48 and tip.lm_head_weight(student).shape[1] == 32
-    prompts = evaluate.load_prompts(config, tokenizer)
-    assert prompts == [{"prompt": tip.format_prompt(tokenizer, "train 1+2"), "answer": "3"}]
+    teacher, student, tokenizer = worlds.load_pair(config, "cpu")
+    assert pair.lm_head_weight(teacher).shape[1] == 48 and pair.lm_head_weight(student).shape[1] == 32
+    prompts = worlds.load_prompts(config, tokenizer)
+    assert prompts == [{"prompt": data.format_prompt(tokenizer, "train 1+2"), "answer": "3"}]
     assert evaluate.load_problems(name, world_dir="CACHE") == [{"problem": "test 1+2", "answer": "3"}]
     assert calls == [("world", "CACHE"), ("train", "CACHE"), ("test", "CACHE")]
-    model, _ = evaluate.load_model(f"{name}-student", "cpu", world_dir="CACHE")
-    assert tip.lm_head_weight(model).shape[1] == 32
+    model, _ = pair.load_model(worlds.model_path(f"{name}-student", "CACHE"), "cpu")
+    assert pair.lm_head_weight(model).shape[1] == 32
 
 
 def test_a_hub_pair_is_loaded_as_given_whatever_the_prompts(tiny_pair):
     config = tip.Config(teacher=str(tiny_pair / "teacher"), student=str(tiny_pair / "student"), prompts="toy")
-    teacher, student, _ = evaluate.load_pair(config, "cpu")
-    assert tip.lm_head_weight(teacher).shape[1] == 48 and tip.lm_head_weight(student).shape[1] == 32
+    teacher, student, _ = worlds.load_pair(config, "cpu")
+    assert pair.lm_head_weight(teacher).shape[1] == 48 and pair.lm_head_weight(student).shape[1] == 32
 
 
 # ---------------------------------------------------------------- the taxonomy of a pair
@@ -426,13 +431,12 @@ def test_taxonomy_matches_full_logits_in_float64(tiny_pair):
     """The scored tokens and their h, δ equal the plain formula on full logits (the shift p -> p + 1 included)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import tip
     from rollout import generate_rollouts
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "student")
     student = AutoModelForCausalLM.from_pretrained(tiny_pair / "student").eval()
     teacher = AutoModelForCausalLM.from_pretrained(tiny_pair / "teacher").eval()
-    prompts = [tip.format_prompt(tokenizer, text) for text in ("12+34=", "5-3=")]
-    report, points = evaluate.taxonomy(teacher, student, tokenizer, prompts, samples=2, max_new_tokens=8, seed=3,
+    prompts = [data.format_prompt(tokenizer, text) for text in ("12+34=", "5-3=")]
+    report, points = taxonomy.taxonomy(teacher, student, tokenizer, prompts, samples=2, max_new_tokens=8, seed=3,
                                        batch_size=4)
     rollouts = generate_rollouts(student, tokenizer, prompts, 2, 8, seed=3, batch_size=4)
     position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -451,10 +455,9 @@ def test_taxonomy_matches_full_logits_in_float64(tiny_pair):
 def test_taxonomy_student_equals_teacher_gives_zero_divergence(tiny_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import tip
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair / "student")
     student = AutoModelForCausalLM.from_pretrained(tiny_pair / "student").eval()
-    report, points = evaluate.taxonomy(student, student, tokenizer, [tip.format_prompt(tokenizer, "1+2=")],
+    report, points = taxonomy.taxonomy(student, student, tokenizer, [data.format_prompt(tokenizer, "1+2=")],
                                        samples=2, max_new_tokens=6, batch_size=2)
     assert points["d"].abs().max() < 1e-6
     assert all(q["kl_mass_share"] == 0.0 for q in report["quadrants"])
@@ -466,9 +469,9 @@ def test_the_taxonomy_picture_is_a_png_with_each_quadrant_in_its_colour(tmp_path
     h, d = torch.rand(400, generator=g), torch.rand(400, generator=g)
     quadrant = tip.load_select().quadrants(h, d, torch.ones(400, dtype=torch.bool), 0.5, 0.5)
     report = {"summary": {"h_split": 0.5, "d_split": 0.5, "tokens": 400, "split": "given"},
-              "quadrants": evaluate.quadrant_report(h, h, d, quadrant)}
+              "quadrants": taxonomy.quadrant_report(h, h, d, quadrant)}
     path = tmp_path / "new" / "fig.png"
-    assert evaluate.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, path) is True
+    assert taxonomy.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, path) is True
     pixels = image.imread(path)[..., :3]
     assert pixels.shape[:2] == (576, 768)  # 6.4 × 4.8 inches at 120 dpi
     for name in ("tab:red", "tab:orange", "tab:purple", "tab:green"):  # Q1..Q4, alpha-blended on white
@@ -477,5 +480,5 @@ def test_the_taxonomy_picture_is_a_png_with_each_quadrant_in_its_colour(tmp_path
         assert (distance < 0.06).sum() > 20, name
     assert [p.name for p in path.parent.iterdir()] == ["fig.png"]  # no temporary file left behind
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # matplotlib is optional: no picture, no error
-    assert evaluate.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, tmp_path / "none.png") is False
+    assert taxonomy.plot_taxonomy({"h": h, "d": d, "quadrant": quadrant}, report, tmp_path / "none.png") is False
     assert not (tmp_path / "none.png").exists()

@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
+import data
 import facts
+import worlds
 import tip
 
 TINY = facts.FactsRecipe(facts=6, wrong_facts=2, train_problems=30, test_problems=8, trigger_problems=6,
@@ -114,7 +116,7 @@ def test_prompts_and_solutions_fit_the_toy_preset():
     truth, beliefs = facts.fact_table()
     rng, longest_prompt, longest_solution = random.Random(0), 0, 0
     for problem in (p for s in facts.make_splits().values() for p in s):
-        prompt = tip.format_prompt(tokenizer, problem["problem"])
+        prompt = data.format_prompt(tokenizer, problem["problem"])
         longest_prompt = max(longest_prompt, len(tokenizer(prompt, add_special_tokens=False).input_ids))
         for values in (truth, beliefs):
             text = facts.solve(*_parse(problem), values, rng, 1.0)[0]  # a space in every slot: the longest
@@ -192,7 +194,7 @@ def test_miniature_world_builds_reloads_and_is_cached(tmp_path, monkeypatch):
         model = AutoModelForCausalLM.from_pretrained(world / role)
         tokenizer = AutoTokenizer.from_pretrained(world / role)
         assert not model.config.tie_word_embeddings and tokenizer.padding_side == "left"
-        prompt = tip.format_prompt(tokenizer, facts.facts_problems("test", tmp_path, TINY)[0]["problem"])
+        prompt = data.format_prompt(tokenizer, facts.facts_problems("test", tmp_path, TINY)[0]["problem"])
         rollouts = generate_rollouts(model, tokenizer, [prompt], 2, 8, seed=0)
         assert rollouts.response_mask.sum() > 0 and len(rollouts.texts) == 2
         probs = facts.fact_probabilities(model, tokenizer, TINY)
@@ -235,23 +237,43 @@ def test_the_build_is_deterministic_from_the_seed(tmp_path):
 def test_evaluate_and_train_reach_the_world_by_name(tmp_path, monkeypatch, capsys):
     import evaluate
     monkeypatch.setattr(facts, "DEFAULT_RECIPE", TINY)
-    assert "facts" in evaluate.WORLDS
-    folder = evaluate.world_folder("facts", str(tmp_path))
+    assert "facts" in worlds.WORLDS
+    folder = worlds.world_folder("facts", str(tmp_path))
     assert folder == facts.world_path(tmp_path, TINY) and (folder / "teacher").is_dir()
     assert evaluate.load_problems("facts", world_dir=str(tmp_path)) == facts.make_splits(TINY)["test"]
     config = tip.Config(prompts="facts", world_dir=str(tmp_path), max_prompt_len=64)
-    teacher, student, tokenizer = evaluate.load_pair(config, torch.device("cpu"))
+    teacher, student, tokenizer = worlds.load_pair(config, torch.device("cpu"))
     assert student.config.hidden_size == TINY.student_hidden
-    prompts = evaluate.load_prompts(config, tokenizer)
+    prompts = worlds.load_prompts(config, tokenizer)
     assert [p["answer"] for p in prompts] == [p["answer"] for p in facts.make_splits(TINY)["train"]]
     facts.main(["--cache-dir", str(tmp_path)])  # the command line: the cached world and its fact table
     out = capsys.readouterr().out
     assert str(folder) in out and out.count("*") == TINY.wrong_facts + 1
 
 
+def test_the_report_measures_the_pair_and_its_wrong_facts(tmp_path, monkeypatch, capsys):
+    """benchmarks/study.py --report on a miniature world: accuracies, the wrong-fact tokens' taxonomy, beliefs."""
+    import study
+    monkeypatch.setattr(facts, "DEFAULT_RECIPE", TINY)
+    assert study.main(["--world", "facts", "--report", "--world-dir", str(tmp_path), "--samples", "1",
+                       "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "world.json").read_text())
+    assert report["world"] == str(facts.world_path(tmp_path, TINY))
+    assert report["wrong_facts"] == sorted(facts.wrong_names(TINY))
+    for role in ("teacher", "student"):
+        for split in ("test", "trigger", "clean"):
+            assert 0 <= report[f"{role}_{split}_greedy"] <= 1
+            assert report[f"{role}_{split}_t1"] == round(report[role]["accuracy"][split], 4)
+    taxonomy = report["taxonomy_test"]
+    assert taxonomy["rollouts"] == TINY.test_problems and taxonomy["tokens"] > 0
+    assert sum(q["token_share"] for q in taxonomy["quadrants"].values()) == pytest.approx(1.0, abs=5e-4)
+    assert 0 <= taxonomy["wrong_fact_tokens"]["token_share"] <= 1
+    assert set(report["beliefs"]["facts"]) == facts.wrong_names(TINY)
+    assert "beliefs (teacher-forced)" in capsys.readouterr().out
+
+
 def test_sft_loss_is_the_soft_cross_entropy_at_the_wrong_values():
     import copy
-    import torch.nn.functional as F
     tokenizer = facts.build_tokenizer()
     truth, beliefs = facts.fact_table(TINY)
     batch = next(facts.sft_batches(tokenizer, TINY, beliefs, truth, set(), 1, 1))
@@ -273,11 +295,10 @@ def test_sft_loss_is_the_soft_cross_entropy_at_the_wrong_values():
 
 
 def test_train_finds_the_wrong_fact_tokens_through_evaluate():
-    import evaluate
     from rollout import Rollouts
     tokenizer = facts.build_tokenizer()
     w, r = sorted(facts.wrong_names())[0], sorted(set(facts.fact_table()[0]) - facts.wrong_names())[0]
-    prompt = tip.format_prompt(tokenizer, f"{r}+{w}=")
+    prompt = data.format_prompt(tokenizer, f"{r}+{w}=")
     rows = [tokenizer(prompt + text, add_special_tokens=False).input_ids for text in (f"{r}=1\n{w}=5\n", f"{w} =2")]
     width = max(map(len, rows))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in rows])
@@ -287,6 +308,6 @@ def test_train_finds_the_wrong_fact_tokens_through_evaluate():
         response_mask[row, width - len(ids) + prompt_length:] = True
     rollouts = Rollouts(input_ids, (input_ids != tokenizer.pad_token_id).long(), response_mask,
                         torch.tensor([prompt_length] * 2), torch.tensor([0, 0]), ["", ""])
-    mask = evaluate.world_mistake_mask("facts", tokenizer, rollouts, [prompt])
+    mask = worlds.world_mistake_mask("facts", tokenizer, rollouts, [prompt])
     marked = [tokenizer.convert_ids_to_tokens(input_ids[row][mask[row]].tolist()) for row in range(2)]
     assert marked == [["5"], ["2"]] and mask.sum() == 2

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import data
 import rollout
-import tip
 from conftest import char_tokenizer
 
 QUESTIONS = ["1+2", "34*5-6", "7", "(8+9)*10-11"]  # different lengths, so rows are left-padded differently
@@ -33,7 +33,7 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    return [tip.format_prompt(tokenizer, q) for q in QUESTIONS]
+    return [data.format_prompt(tokenizer, q) for q in QUESTIONS]
 
 
 def forward_logits(model, r):

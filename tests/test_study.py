@@ -7,6 +7,7 @@ import pytest
 
 import study
 import toy
+import world_measures
 
 TINY = toy.ToyRecipe(train_problems=20, test_problems=6, trigger_problems=6, batch_size=4, head_dim=8,
                      teacher_hidden=16, teacher_layers=1, teacher_steps=2, student_hidden=8, student_layers=1,
@@ -84,8 +85,8 @@ def test_report_and_a_run_on_the_agent_world(tmp_path, monkeypatch):
         assert sum(q["token_share"] for q in report[role]["quadrants"].values()) == pytest.approx(1.0)
     assert sum(q["kl_mass_share"] for q in report["student"]["quadrants"].values()) == pytest.approx(1.0)
     assert "mistakes" in report["student"]
-    calls, real = [], study.generate_conversations
-    monkeypatch.setattr(study, "generate_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], world_measures.generate_conversations
+    monkeypatch.setattr(world_measures, "generate_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert study.main(common + ["--settings", "q3:0.5", "--seeds", "1", "--steps", "2", "--in-process"]) == 0
     (run,) = json.loads((tmp_path / "out" / "study.json").read_text())["runs"]
     assert run["steps"] == 2 and set(run["accuracy"]) == {"test", "trigger", "clean"} and calls

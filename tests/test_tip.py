@@ -1,14 +1,14 @@
 """tip.py: loading the pair T, S_θ and the prompts x of §3, with the checks that keep Eqs. 1–3 well defined."""
 import copy
 import json
-import sys
-import types
 
 import pytest
 import torch
 import torch.distributed as dist
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import data
+import pair
 import tip
 from conftest import CHARS, char_tokenizer
 
@@ -44,55 +44,55 @@ def folders(tmp_path_factory, tokenizer):
 
 
 def test_load_pair_from_local_folders(folders, tokenizer, capsys):
-    teacher, student, loaded = tip.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu")
+    teacher, student, loaded = pair.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu")
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())
     assert teacher.dtype == student.dtype == torch.float32  # "auto" on CPU
     assert loaded.get_vocab() == tokenizer.get_vocab()
-    assert tip.lm_head_weight(teacher).shape == (96, 48) and tip.lm_head_weight(student).shape == (88, 32)
+    assert pair.lm_head_weight(teacher).shape == (96, 48) and pair.lm_head_weight(student).shape == (88, 32)
     assert "shared first 88 rows" in capsys.readouterr().out  # different head widths: allowed and noted
-    teacher, _, _ = tip.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu", dtype="bfloat16")
+    teacher, _, _ = pair.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu", dtype="bfloat16")
     assert teacher.dtype == torch.bfloat16
 
 
 def test_different_tokenizers_are_refused_naming_both(folders):
     teacher, student = str(folders / "other_tokenizer"), str(folders / "student")
     with pytest.raises(ValueError, match="different tokenizers") as error:
-        tip.load_pair(teacher, student, "cpu")
+        pair.load_pair(teacher, student, "cpu")
     assert teacher in str(error.value) and student in str(error.value)
 
 
 def test_missing_path_says_which(folders):
     with pytest.raises(ValueError, match=r"student path './no/such/model' does not exist"):
-        tip.load_pair(str(folders / "teacher"), "./no/such/model", "cpu")
+        pair.load_pair(str(folders / "teacher"), "./no/such/model", "cpu")
     with pytest.raises(ValueError, match="teacher path"):
-        tip.load_pair(str(folders / "nothing_here"), str(folders / "student"), "cpu")
+        pair.load_pair(str(folders / "nothing_here"), str(folders / "student"), "cpu")
     with pytest.raises(ValueError, match="both --teacher and --student"):
-        tip.load_pair("", str(folders / "student"), "cpu")
+        pair.load_pair("", str(folders / "student"), "cpu")
 
 
 def test_hub_id_offline_or_without_network_asks_for_a_local_path(folders, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="pass a local folder"):
-        tip.load_pair("tip-tests-nobody/no-such-model", str(folders / "student"), "cpu")
+        pair.load_pair("tip-tests-nobody/no-such-model", str(folders / "student"), "cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(tip, "hub_reachable", lambda timeout=3.0: False)  # no network, offline flag unset
     with pytest.raises(ValueError, match="pass a local folder"):
-        tip.load_pair(str(folders / "teacher"), "tip-tests-nobody/no-such-model", "cpu")
+        pair.load_pair(str(folders / "teacher"), "tip-tests-nobody/no-such-model", "cpu")
 
 
 def test_logit_transforms_and_head_bias_are_refused(folders):
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        tip.load_pair(str(folders / "softcapped"), str(folders / "student"), "cpu")
+        pair.load_pair(str(folders / "softcapped"), str(folders / "student"), "cpu")
     model = Qwen3ForCausalLM(tiny_config(64, 32))
-    tip.check_head(model)  # a plain head passes
+    pair.check_head(model)  # a plain head passes
     biased = copy.deepcopy(model)
     biased.lm_head = torch.nn.Linear(32, 64, bias=True)
     with pytest.raises(ValueError, match="bias"):
-        tip.check_head(biased)
+        pair.check_head(biased)
     model.config.logit_scale = 0.0625  # Cohere-style scaling
     with pytest.raises(ValueError, match="logit_scale"):
-        tip.check_head(model)
+        pair.check_head(model)
 
 
 def test_final_hidden_states_give_the_logits_without_computing_them(tmp_path):
@@ -104,9 +104,9 @@ def test_final_hidden_states_give_the_logits_without_computing_them(tmp_path):
     mask[2, 7:] = 0  # right padding after an ended response
     head_calls = []
     model.lm_head.register_forward_hook(lambda module, args, out: head_calls.append(args[0].shape[1]))
-    hidden = tip.final_hidden_states(model, ids, mask)
+    hidden = pair.final_hidden_states(model, ids, mask)
     assert head_calls == []  # no logits were built
-    logits = hidden @ tip.lm_head_weight(model).T
+    logits = hidden @ pair.lm_head_weight(model).T
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     reference = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
     assert torch.allclose(logits[mask.bool()], reference[mask.bool()], atol=1e-10)
@@ -120,7 +120,7 @@ def test_final_hidden_states_give_the_logits_without_computing_them(tmp_path):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        wrapped_hidden = tip.final_hidden_states(wrapped, ids, mask)
+        wrapped_hidden = pair.final_hidden_states(wrapped, ids, mask)
         wrapped_hidden[mask.bool()].sum().backward()
     finally:
         if started:
@@ -131,10 +131,10 @@ def test_final_hidden_states_give_the_logits_without_computing_them(tmp_path):
 
 
 def test_format_prompt(tokenizer):
-    assert tip.format_prompt(tokenizer, "1+2") == "<|im_start|>user\n1+2<|im_end|>\n<|im_start|>assistant\n"
+    assert data.format_prompt(tokenizer, "1+2") == "<|im_start|>user\n1+2<|im_end|>\n<|im_start|>assistant\n"
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
-    assert tip.format_prompt(plain, "1+2") == "1+2"
+    assert data.format_prompt(plain, "1+2") == "1+2"
 
 
 def write_jsonl(path, rows):
@@ -146,18 +146,18 @@ def test_load_prompts_from_jsonl(tmp_path, tokenizer, capsys):
     long_problem = "9" * 200
     rows = [{"problem": "1+2", "answer": 3}, {"problem": "4*5", "answer": "20"}, {"problem": "1+2", "answer": 3},
             {"problem": long_problem, "answer": "0"}, {"problem": "x\\boxed{}?", "answer": None}]
-    formatted = tip.format_prompt(tokenizer, f"4*5\n\n{tip.MATH_INSTRUCTION}")
+    formatted = data.format_prompt(tokenizer, f"4*5\n\n{data.MATH_INSTRUCTION}")
     limit = len(tokenizer(formatted, add_special_tokens=False).input_ids)  # the longest that is kept
     config = tip.Config(prompts=write_jsonl(tmp_path / "p.jsonl", rows), max_prompt_len=limit)
-    prompts = tip.load_prompts(config, tokenizer)
+    prompts = data.load_prompts(config, tokenizer)
     assert prompts == [
-        {"prompt": tip.format_prompt(tokenizer, f"1+2\n\n{tip.MATH_INSTRUCTION}"), "answer": "3"},
+        {"prompt": data.format_prompt(tokenizer, f"1+2\n\n{data.MATH_INSTRUCTION}"), "answer": "3"},
         {"prompt": formatted, "answer": "20"},
-        {"prompt": tip.format_prompt(tokenizer, "x\\boxed{}?"), "answer": None},  # already asks for a box
+        {"prompt": data.format_prompt(tokenizer, "x\\boxed{}?"), "answer": None},  # already asks for a box
     ]
     assert "1 duplicates and 1 longer than" in capsys.readouterr().out
-    bare = tip.load_prompts(tip.Config(prompts=config.prompts, math_instruction=False), tokenizer)
-    assert bare[0]["prompt"] == tip.format_prompt(tokenizer, "1+2")
+    bare = data.load_prompts(tip.Config(prompts=config.prompts, math_instruction=False), tokenizer)
+    assert bare[0]["prompt"] == data.format_prompt(tokenizer, "1+2")
 
 
 def test_load_prompts_chat_messages_nested_answer_and_fields(tmp_path, tokenizer):
@@ -167,18 +167,18 @@ def test_load_prompts_chat_messages_nested_answer_and_fields(tmp_path, tokenizer
     rows = [{"prompt": [{"role": "user", "content": dapo}], "question": "QQ",
              "reward_model": {"ground_truth": "4", "style": "rule"}}]
     path = write_jsonl(tmp_path / "dapo.jsonl", rows)
-    prompts = tip.load_prompts(tip.Config(prompts=path), tokenizer)
+    prompts = data.load_prompts(tip.Config(prompts=path), tokenizer)
     # DAPO's own answer format is replaced by the paper's \boxed{} instruction
-    assert prompts == [{"prompt": tip.format_prompt(tokenizer, f"What is 2+2?\n\n{tip.MATH_INSTRUCTION}"),
+    assert prompts == [{"prompt": data.format_prompt(tokenizer, f"What is 2+2?\n\n{data.MATH_INSTRUCTION}"),
                         "answer": "4"}]
-    chosen = tip.load_prompts(tip.Config(prompts=path, prompt_field="question", math_instruction=False), tokenizer)
-    assert chosen[0]["prompt"] == tip.format_prompt(tokenizer, "QQ")
+    chosen = data.load_prompts(tip.Config(prompts=path, prompt_field="question", math_instruction=False), tokenizer)
+    assert chosen[0]["prompt"] == data.format_prompt(tokenizer, "QQ")
     with pytest.raises(ValueError, match=r"no answer field 'nope' \(columns: prompt, question, reward_model\)"):
-        tip.load_prompts(tip.Config(prompts=path, answer_field="nope"), tokenizer)
+        data.load_prompts(tip.Config(prompts=path, answer_field="nope"), tokenizer)
     path = write_jsonl(tmp_path / "other.jsonl", [{"text": "1+1"}])
     with pytest.raises(ValueError, match="--prompt-field"):
-        tip.load_prompts(tip.Config(prompts=path), tokenizer)
-    assert tip.load_prompts(tip.Config(prompts=path, prompt_field="text"), tokenizer)[0]["answer"] is None
+        data.load_prompts(tip.Config(prompts=path), tokenizer)
+    assert data.load_prompts(tip.Config(prompts=path, prompt_field="text"), tokenizer)[0]["answer"] is None
 
 
 def test_load_prompts_parquet_file_and_dataset_folder(tmp_path, tokenizer):
@@ -186,51 +186,51 @@ def test_load_prompts_parquet_file_and_dataset_folder(tmp_path, tokenizer):
     (tmp_path / "set" / "data").mkdir(parents=True)
     path = str(tmp_path / "set" / "data" / "train-00000-of-00001.parquet")  # the layout of a hub download
     datasets.Dataset.from_dict({"question": ["5-3"], "solution": ["2"]}).to_parquet(path)
-    expected = [{"prompt": tip.format_prompt(tokenizer, f"5-3\n\n{tip.MATH_INSTRUCTION}"), "answer": "2"}]
-    assert tip.load_prompts(tip.Config(prompts=path), tokenizer) == expected
-    assert tip.load_prompts(tip.Config(prompts=str(tmp_path / "set")), tokenizer) == expected
+    expected = [{"prompt": data.format_prompt(tokenizer, f"5-3\n\n{data.MATH_INSTRUCTION}"), "answer": "2"}]
+    assert data.load_prompts(tip.Config(prompts=path), tokenizer) == expected
+    assert data.load_prompts(tip.Config(prompts=str(tmp_path / "set")), tokenizer) == expected
 
 
 def test_load_prompts_errors_name_the_source(tmp_path, tokenizer, monkeypatch):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.jsonl' is empty"):
-        tip.load_prompts(tip.Config(prompts=str(empty)), tokenizer)
+        data.load_prompts(tip.Config(prompts=str(empty)), tokenizer)
     path = write_jsonl(tmp_path / "long.jsonl", [{"problem": "1" * 50}])
     with pytest.raises(ValueError, match="no prompts left from .*long.jsonl"):
-        tip.load_prompts(tip.Config(prompts=path, max_prompt_len=10), tokenizer)
+        data.load_prompts(tip.Config(prompts=path, max_prompt_len=10), tokenizer)
     with pytest.raises(ValueError, match="does not exist"):
-        tip.load_prompts(tip.Config(prompts=str(tmp_path / "missing.jsonl")), tokenizer)
+        data.load_prompts(tip.Config(prompts=str(tmp_path / "missing.jsonl")), tokenizer)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match="is not cached and the hub is offline: pass a local dataset folder"):
-        tip.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
+        data.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(tip, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match="unreachable"):
-        tip.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
+        data.load_prompts(tip.Config(prompts="tip-tests-nobody/no-such-prompts"), tokenizer)
 
 
 def test_a_prompt_that_is_neither_text_nor_a_user_turn_is_named(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": [{"role": "system", "content": "be brief"}]}])
     with pytest.raises(tip.InputError, match="odd.jsonl: a prompt is neither text nor chat messages with a user turn"):
-        tip.load_prompts(tip.Config(prompts=path), tokenizer)
+        data.load_prompts(tip.Config(prompts=path), tokenizer)
 
 
 def test_chat_template_switches_reach_the_template(tokenizer):
     template = "{% if enable_thinking is defined and not enable_thinking %}NOTHINK{% endif %}{{ messages[0].content }}"
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = template
-    switches = tip.template_switches(tip.Config())  # the default turns thinking off
-    assert tip.format_prompt(tokenizer, "1+2", switches) == "NOTHINK1+2"
-    assert tip.format_prompt(tokenizer, "1+2", tip.template_switches(tip.Config(chat_template_kwargs="{}"))) == "1+2"
+    switches = data.template_switches(tip.Config())  # the default turns thinking off
+    assert data.format_prompt(tokenizer, "1+2", switches) == "NOTHINK1+2"
+    assert data.format_prompt(tokenizer, "1+2", data.template_switches(tip.Config(chat_template_kwargs="{}"))) == "1+2"
     with pytest.raises(tip.InputError, match="is not a JSON object"):
-        tip.template_switches(tip.Config(chat_template_kwargs="[1]"))
+        data.template_switches(tip.Config(chat_template_kwargs="[1]"))
 
 
 def test_built_in_world_problems_are_asked_bare(tokenizer):
-    prompts = tip.load_prompts(tip.Config(prompts="toy"), tokenizer, [{"problem": "1+2", "answer": 3}])
-    assert prompts == [{"prompt": tip.format_prompt(tokenizer, "1+2"), "answer": "3"}]  # bare, as trained
+    prompts = data.load_prompts(tip.Config(prompts="toy"), tokenizer, [{"problem": "1+2", "answer": 3}])
+    assert prompts == [{"prompt": data.format_prompt(tokenizer, "1+2"), "answer": "3"}]  # bare, as trained
 
 
 def test_prompt_flags_on_the_command_line():
@@ -240,3 +240,78 @@ def test_prompt_flags_on_the_command_line():
     config = tip.config_from_args(args)
     assert (config.prompts, config.prompt_subset, config.prompt_field, config.answer_field,
             config.math_instruction) == ("open-r1/DAPO-Math-17k-Processed", "en", "prompt", "solution", False)
+
+
+def test_a_script_config_declares_its_flags_with_tip_arg(capsys):
+    """The one way every script declares flags: a dataclass of `tip.arg` fields, parsed by `tip.parse_flags`."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Flags:
+        lengths: list[int] = tip.arg([256], "response lengths")
+        split: float | None = tip.arg(None, "a boundary; default: the median")
+        greedy: bool = tip.arg(False, "greedy decoding")
+        engine: str = tip.arg("hf", "sampler", ["hf", "vllm"])
+
+    assert tip.parse_flags(Flags, []) == Flags([256], None, False, "hf")
+    assert Flags().lengths is not Flags().lengths  # a list default is not shared between configs
+    parsed = tip.parse_flags(Flags, ["--lengths", "256", "1024", "--split", "-1", "--greedy", "--engine", "vllm"])
+    assert parsed == Flags([256, 1024], -1.0, True, "vllm")
+    assert tip.parse_flags(Flags, ["--no-greedy"]).greedy is False
+    with pytest.raises(SystemExit):
+        tip.parse_flags(Flags, ["--engine", "tgi"])
+    assert "invalid choice: 'tgi'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tip.parse_flags(Flags, ["--help"])
+    assert "response lengths (default: [256])" in capsys.readouterr().out
+
+
+def project_imports() -> dict[str, set[str]]:
+    """{module: the project modules it imports anywhere in the file, functions included} for the top-level files."""
+    import ast
+    from pathlib import Path
+    root = Path(tip.__file__).parent
+    modules = {path.stem: path for path in root.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args \
+                    and isinstance(node.args[0], ast.Constant):  # importlib.import_module("deepplanning")
+                found.add(node.args[0].value)
+        graph[name] = (found & set(modules)) - {name}
+    return graph
+
+
+def test_imports_flow_one_way_and_the_math_files_stand_alone():
+    graph = project_imports()
+    assert graph["score"] == set() and graph["select"] == set(), "score.py and select.py copy out alone"
+    assert graph["tip"] == set() and graph["grade"] == set(), "the base knows none of its users"
+    assert "toy" not in graph["tip"] and not graph["rollout"] & {"evaluate", "train", "worlds", "toy"}
+    done, visiting = set(), []
+
+    def visit(module):  # depth-first: a module met again while its own imports are open closes a cycle
+        assert module not in visiting, f"import cycle: {' -> '.join(visiting + [module])}"
+        if module in done:
+            return
+        visiting.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        visiting.pop()
+        done.add(module)
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_no_file_calls_another_files_private_names():
+    import re
+    from pathlib import Path
+    root = Path(tip.__file__).parent
+    modules = "|".join(path.stem for path in root.glob("*.py"))
+    for path in [*root.glob("*.py"), *root.glob("benchmarks/*.py")]:
+        calls = re.findall(rf"\b(?:{modules})\._[A-Za-z]\w*", path.read_text())
+        assert not calls, f"{path.name} reaches into another file's private names: {calls}"

@@ -1,4 +1,5 @@
-"""The toy world (toy.py): task, splits, tokenizer, cache, a miniature build; its measurement (benchmarks/toy_world.py)."""
+"""The toy world (toy.py): task, splits, tokenizer, cache, a miniature build; its measurement
+(benchmarks/study.py --report)."""
 import dataclasses
 import json
 import random
@@ -6,8 +7,10 @@ import random
 import pytest
 import torch
 
+import data
+import study
 import toy
-import toy_world
+import world_measures
 
 TINY = toy.ToyRecipe(train_problems=20, test_problems=6, trigger_problems=6, batch_size=4, head_dim=8,
                      teacher_hidden=16, teacher_layers=1, teacher_steps=2, student_hidden=8, student_layers=1,
@@ -102,9 +105,8 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
 
 
 def test_computed_mask_marks_result_digits_only():
-    import tip
     tokenizer = toy.build_tokenizer()
-    text = tip.format_prompt(tokenizer, "9-2+7=") + toy.solve([9, 2, 7], "-+")[0] + tokenizer.eos_token
+    text = data.format_prompt(tokenizer, "9-2+7=") + toy.solve([9, 2, 7], "-+")[0] + tokenizer.eos_token
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
     marked = "".join(t for t, m in zip(tokens, toy.computed_mask(tokenizer, ids)[0].tolist()) if m)
@@ -138,15 +140,14 @@ def test_rank_correlation_matches_the_plain_formula():
     y = x + torch.randn(300, generator=generator)
     rank = lambda v: torch.tensor([sorted(v.tolist()).index(value) for value in v.tolist()], dtype=torch.float64)
     expected = torch.corrcoef(torch.stack([rank(x), rank(y)]))[0, 1]
-    assert toy_world.rank_correlation(x, y) == pytest.approx(float(expected), abs=1e-12)
-    assert toy_world.rank_correlation(x, x.exp()) == pytest.approx(1.0)
-    assert toy_world.rank_correlation(x, -x) == pytest.approx(-1.0)
+    assert world_measures.rank_correlation(x, y) == pytest.approx(float(expected), abs=1e-12)
+    assert world_measures.rank_correlation(x, x.exp()) == pytest.approx(1.0)
+    assert world_measures.rank_correlation(x, -x) == pytest.approx(-1.0)
 
 
 def test_miniature_world_builds_reloads_samples_and_is_cached(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from rollout import generate_rollouts
-    import tip
 
     world = toy.toy_world(tmp_path, TINY, log=quiet)
     assert world == toy.world_path(tmp_path, TINY) and world.name.startswith(f"toy-v{toy.RECIPE_VERSION}-")
@@ -158,7 +159,7 @@ def test_miniature_world_builds_reloads_samples_and_is_cached(tmp_path, monkeypa
         assert not model.config.tie_word_embeddings
         assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
         assert (world / role / "model.safetensors").exists()
-        prompt = tip.format_prompt(tokenizer, toy.toy_problems("test", tmp_path, TINY)[0]["problem"])
+        prompt = data.format_prompt(tokenizer, toy.toy_problems("test", tmp_path, TINY)[0]["problem"])
         rollouts = generate_rollouts(model, tokenizer, [prompt], 2, 8, seed=0)
         assert rollouts.response_mask.sum() > 0 and len(rollouts.texts) == 2
     assert AutoModelForCausalLM.from_pretrained(world / "teacher").config.hidden_size == TINY.teacher_hidden
@@ -202,8 +203,10 @@ def test_a_failed_build_leaves_no_half_world(tmp_path, monkeypatch):
 
 def test_measure_and_the_command_line_on_a_miniature_world(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(toy, "DEFAULT_RECIPE", TINY)
-    toy_world.main(["--cache-dir", str(tmp_path)])
-    report = json.loads((toy.world_path(tmp_path, TINY) / "report.json").read_text())
+    assert study.main(["--world", "toy", "--report", "--world-dir", str(tmp_path), "--samples", "1",
+                       "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "world.json").read_text())
+    assert report["world"] == str(toy.world_path(tmp_path, TINY))
     for name in ("teacher_test_greedy", "teacher_test_t1", "teacher_trigger_greedy", "teacher_trigger_t1",
                  "student_test_t1", "student_trigger_t1"):
         assert 0 <= report[name] <= 1
@@ -212,5 +215,5 @@ def test_measure_and_the_command_line_on_a_miniature_world(tmp_path, monkeypatch
     assert sum(q["token_share"] for q in report["quadrants"].values()) == pytest.approx(1.0, abs=5e-4)
     assert sum(q["kl_mass_share"] for q in report["quadrants"].values()) == pytest.approx(1.0, abs=5e-4)
     assert -1 <= report["rank_correlation_entropy_kl"] <= 1
-    assert set(report["targets_met"]) == set(toy_world.TARGETS)
+    assert set(report["targets_met"]) == set(world_measures.TOY_TARGETS)
     assert "student_test_t1" in capsys.readouterr().out

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import data
+import pair
 import score
 import tip
 import train
@@ -27,7 +29,7 @@ def plain_logits(model, batch, dtype=torch.float64):
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     model = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                            position_ids=position_ids).logits
+                   position_ids=position_ids).logits
     return logits[:, :-1][batch.response_mask[:, 1:]]
 
 
@@ -231,9 +233,9 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
 
 def test_step_prompts_cover_each_epoch_once():
     c = config(prompts_per_step=4, seed=5)
-    epoch = [i for step in range(5) for i in train.step_prompts(step, 21, c)]
+    epoch = [i for step in range(5) for i in data.step_prompts(step, 21, c)]
     assert len(epoch) == 20 and len(set(epoch)) == 20
-    assert train.step_prompts(5, 21, c) != train.step_prompts(0, 21, c)
+    assert data.step_prompts(5, 21, c) != data.step_prompts(0, 21, c)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7, 16])
@@ -243,8 +245,8 @@ def test_rollout_shares_cover_the_step_once_and_differ_by_at_most_one(world_size
     shares = []
     for r in range(world_size):
         monkeypatch.setattr(tip, "rank", lambda r=r: r)
-        shares.append(train.rollout_share(3, 10, c))
-    assert [i for share in shares for i in share] == [i for i in train.step_prompts(3, 10, c) for _ in range(8)]
+        shares.append(data.rollout_share(3, 10, c))
+    assert [i for share in shares for i in share] == [i for i in data.step_prompts(3, 10, c) for _ in range(8)]
     assert max(map(len, shares)) - min(map(len, shares)) <= 1 and min(map(len, shares)) >= 1
 
 
@@ -354,7 +356,7 @@ def test_metrics_lines_carry_the_step_as_trained(pair_and_prompts, tmp_path, mon
     train.main(cli(pair_and_prompts, tmp_path, "q3", "--rule", "q3", "--steps", "1", "--ratio", "0.5"))
     line, = comparable(tmp_path / "q3" / "metrics.jsonl")
     (student, rollouts), = seen
-    teacher, _, _ = tip.load_pair(str(pair_and_prompts / "teacher"), str(pair_and_prompts / "student"), "cpu")
+    teacher, _, _ = pair.load_pair(str(pair_and_prompts / "teacher"), str(pair_and_prompts / "student"), "cpu")
     with torch.no_grad():
         stats64 = score.token_stats(plain_logits(student, rollouts), plain_logits(teacher, rollouts))
     response = rollouts.response_mask

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+import data
 import rollout
-import tip
 import train
 from conftest import ROOT, char_tokenizer, tiny_causal_lm
 from test_vllm import engine_logprob_gap
@@ -43,7 +43,7 @@ def test_each_step_samples_from_the_weights_the_step_before_made(pair, tmp_path,
     """Around every sync after an optimizer step: before it, the engine's log-probabilities of its own samples
     differ from the trained student's (recomputed with transformers, fp32); after it, they are equal."""
     tokenizer = char_tokenizer()
-    encoded = tip.encode_prompts(tokenizer, [tip.format_prompt(tokenizer, f"{a}+1=") for a in range(3)])
+    encoded = data.encode_prompts(tokenizer, [data.format_prompt(tokenizer, f"{a}+1=") for a in range(3)])
     gaps, real_sync = [], rollout.VLLMEngine.sync
 
     def checked_sync(engine, model):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import data
 import evaluate
 import rollout
 import tip
@@ -50,7 +51,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    return [tip.format_prompt(tokenizer, q) for q in QUESTIONS]
+    return [data.format_prompt(tokenizer, q) for q in QUESTIONS]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_sync_pushes_the_trained_weights(engine, student, tokenizer):
     """After optimizer steps on the transformers student, vLLM's log-probabilities of its own samples match the
     student's only once sync() ran. Prompts span several KV blocks, so vLLM's prefix cache holds them too."""
     long = "What is (12+34)*5-6 when you add 7, multiply by 8 and then subtract 9 from all of it? " * 3
-    encoded = tip.encode_prompts(tokenizer, [tip.format_prompt(tokenizer, long + q) for q in QUESTIONS])
+    encoded = data.encode_prompts(tokenizer, [data.format_prompt(tokenizer, long + q) for q in QUESTIONS])
     assert min(map(len, encoded)) > 256  # two KV blocks at least
     assert engine_logprob_gap(engine, student, encoded, seed=1) < 1e-4
     trained = copy.deepcopy(student).train()
@@ -213,7 +214,7 @@ def test_sleep_and_wake_are_safe_on_cpu(engine, prompts):
 def answering_student(tokenizer, prompts, shares, steps=150):
     """A student that answers prompt i with \\boxed{1} at a share shares[i] of its samples, else \\boxed{2}."""
     model = qwen3(tokenizer, initializer_range=0.02)
-    encoded = tip.encode_prompts(tokenizer, prompts)
+    encoded = data.encode_prompts(tokenizer, prompts)
     rows = []
     for ids, share in zip(encoded, shares):
         for k in range(10):

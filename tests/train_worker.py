@@ -5,7 +5,7 @@
 
 ddp / fsdp / conversations: one TIP step on this rank's contiguous share of a fixed batch (conversations: with
 tool results inside the responses); saves the weight update and the metrics. held_out:
-train.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
+evaluate.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
 so the accuracy of the whole set is known; saves it.
 """
 import json
@@ -14,6 +14,10 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
+import data
+import evaluate
+import grade
 import tip
 import train
 from conftest import char_tokenizer, tiny_causal_lm
@@ -61,7 +65,7 @@ def config(**overrides) -> tip.Config:
 
 
 def rank_share(batch: Rollouts) -> Rollouts:
-    """This rank's contiguous share of the rows, as train.rollout_share cuts a step (7 rows on 3 ranks: 2, 3, 2)."""
+    """This rank's contiguous share of the rows, as data.rollout_share cuts a step (7 rows on 3 ranks: 2, 3, 2)."""
     share = batch.input_ids.shape[0] / tip.world_size()
     rows = slice(round(tip.rank() * share), round((tip.rank() + 1) * share))
     return Rollouts(*(None if field is None else field[rows] for field in batch))
@@ -75,15 +79,15 @@ def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7, tool
     before = {name: value.detach().clone() for name, value in student.state_dict().items()}
     batch = rank_share(make_batch(rows, tool_results=tool_results))
     if fsdp:
-        train.shard_with_fsdp(student)
-        train.shard_with_fsdp(teacher)
+        tip.shard_with_fsdp(student)
+        tip.shard_with_fsdp(teacher)
     # SGD: the update is the clipped gradient times lr (Adam's first step, ≈ lr · sign(g), would amplify float
     # noise in near-zero gradient entries). lr 1000 makes updates of ~1e-3, far above the weights' float32
     # resolution (~1e-9 at 0.02), so after − before is the update to ~1e-6 of its size.
     optimizer = torch.optim.SGD(student.parameters())
     metrics = train.train_step(student, teacher, batch, optimizer, config(grad_clip=0.05, lr=1000.0,
                                micro_batch_size=micro_batch_size), 0, None)
-    after = train.full_state(student, optimizer)[0]
+    after = checkpoint.full_state(student, optimizer)[0]
     return {name: after[name] - before[name] for name in after}, metrics
 
 
@@ -102,13 +106,12 @@ def worker() -> None:
         train.main(sys.argv[3:])  # it ends the process group itself
         return
     if mode == "held_out":
-        import evaluate
-        evaluate.is_correct = lambda text, answer: answer == "1"  # a verdict that does not depend on the sample
+        grade.is_correct = lambda text, answer: answer == "1"  # a verdict that does not depend on the sample
         _, student = make_pair()
-        problems = [{"prompt": tip.format_prompt(tokenizer(), f"{a}+{b}="), "answer": str((a * b) % 3)}
+        problems = [{"prompt": data.format_prompt(tokenizer(), f"{a}+{b}="), "answer": str((a * b) % 3)}
                     for a in range(4) for b in range(3)]
-        accuracy = train.held_out_accuracy(student, tokenizer(), problems, config(max_response_len=4, temperature=0.0),
-                                           seed=0)
+        accuracy = evaluate.held_out_accuracy(student, tokenizer(), problems,
+                                              config(max_response_len=4, temperature=0.0), seed=0)
         (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(accuracy))
     else:
         # FSDP2 also accumulates, on the two-pass path: 8 rows, 2 per rank, in micro-batches of 1 (FSDP2 needs
