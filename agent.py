@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     args = tip.parse_flags(toy.WorldFlags, argv, "Build the agent world (cached) and say where it is (paper §7).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    world = agent_world(args.cache_dir, DEFAULT_RECIPE, rebuild=args.rebuild)
+    world = agent_world(args.world_dir, DEFAULT_RECIPE, rebuild=args.rebuild)
     info = json.loads((world / "world.json").read_text())
     print(f"agent world {world}: built in {info['build_seconds']:.0f} s; confusions "
           + ", ".join(f"{x}->{y}" for x, y in info["confusions"].items()))

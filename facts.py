@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
                            "believes of each fact (paper §3–4, Prop. 2).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    world = facts_world(args.cache_dir, DEFAULT_RECIPE, rebuild=args.rebuild)
+    world = facts_world(args.world_dir, DEFAULT_RECIPE, rebuild=args.rebuild)
     info = json.loads((world / "world.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(world / "student")
     probs = {role: fact_probabilities(AutoModelForCausalLM.from_pretrained(world / role).eval(), tokenizer)

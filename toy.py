@@ -360,7 +360,7 @@ def max_response_tokens(recipe: ToyRecipe) -> int:
 @dataclass
 class WorldFlags:
     """The command line of `python toy.py`, `python facts.py` and `python agent.py`."""
-    cache_dir: str = tip.arg("", "parent folder of the world (empty = $TIP_CACHE, else ~/.cache/tip)")
+    world_dir: str = tip.arg("", "parent folder of the world (empty = $TIP_CACHE, else ~/.cache/tip)")
     rebuild: bool = tip.arg(False, "build again even when the world is cached")
     threads: int = tip.arg(0, "torch CPU threads (0: torch's default); on a CPU shared with other jobs 1 is fastest")
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                            "benchmarks/study.py --world toy --report measures it.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    world = toy_world(args.cache_dir, DEFAULT_RECIPE, rebuild=args.rebuild)
+    world = toy_world(args.world_dir, DEFAULT_RECIPE, rebuild=args.rebuild)
     info = json.loads((world / "world.json").read_text())
     print(f"toy world {world}: built in {info['build_seconds']:.0f} s ({info['torch_threads']} torch threads); "
           + ", ".join(f"{split} {len(read_split(world, split))}" for split in SPLITS) + " problems")

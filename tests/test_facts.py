@@ -246,7 +246,7 @@ def test_evaluate_and_train_reach_the_world_by_name(tmp_path, monkeypatch, capsy
     assert student.config.hidden_size == TINY.student_hidden
     prompts = worlds.load_prompts(config, tokenizer)
     assert [p["answer"] for p in prompts] == [p["answer"] for p in facts.make_splits(TINY)["train"]]
-    facts.main(["--cache-dir", str(tmp_path)])  # the command line: the cached world and its fact table
+    facts.main(["--world-dir", str(tmp_path)])  # the command line: the cached world and its fact table
     out = capsys.readouterr().out
     assert str(folder) in out and out.count("*") == TINY.wrong_facts + 1
 
