@@ -15,7 +15,6 @@ import json
 import math
 import random
 import re
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,35 +352,6 @@ def fact_probabilities(model, tokenizer, recipe: FactsRecipe | None = None) -> d
 
 
 @torch.no_grad()
-def fact_beliefs(student, teacher, tokenizer) -> dict:
-    """Teacher-forced, per wrong fact: the student's p(true value), p(its learned wrong value), entropy; and
-    whether the teacher copies the value written above (as it must for the fact to be fixable only at its own
-    token, trap 3) or recalls it."""
-    truth, beliefs = fact_table()
-    probs = {role: fact_probabilities(model, tokenizer) for role, model in (("student", student),
-                                                                            ("teacher", teacher))}
-    rows = {}
-    for name in sorted(wrong_names()):
-        p = probs["student"][name]
-        rows[name] = {"true": truth[name], "learned": beliefs[name],
-                      "teacher_p_true": probs["teacher"][name][truth[name]],
-                      "student_p_true": p[truth[name]], "student_p_learned": p[beliefs[name]],
-                      "student_entropy_over_digits_nats": round(-sum(x * math.log(x) for x in p if x > 0), 4)}
-    # the teacher's next-token probabilities after "X=<learned>\nY=<y>\n", at the first operand
-    names = sorted(truth)
-    digits = tokenizer.convert_tokens_to_ids([str(v) for v in range(10)])
-    for name in rows:
-        other = next(n for n in names if n not in rows)
-        text = data.format_prompt(tokenizer, f"{name}+{other}=") + f"{name}={beliefs[name]}\n{other}={truth[other]}\n"
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        p = torch.softmax(teacher(input_ids=ids).logits[0, -1].double(), -1)[digits]
-        rows[name].update(teacher_p_copy_learned=round(float(p[beliefs[name]]), 4),
-                          teacher_p_recall_true=round(float(p[truth[name]]), 4))
-    mean = lambda values: round(statistics.mean(values), 4)  # noqa: E731
-    return {"facts": rows, "mean_student_p_true": mean(r["student_p_true"] for r in rows.values()),
-            "mean_teacher_p_true_all_facts": mean(probs["teacher"][n][v] for n, v in truth.items())}
-
-
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     args = tip.parse_flags(toy.WorldFlags, argv, "Build the facts world (cached) and show what each model "

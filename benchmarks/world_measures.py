@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the project's modules, whichever folder the script runs from
     sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import facts  # noqa: E402
 import pair  # noqa: E402
@@ -226,10 +229,39 @@ def print_toy(report: dict) -> None:
 
 
 @torch.no_grad()
+def fact_beliefs(student, teacher, tokenizer) -> dict:
+    """Teacher-forced, per wrong fact: the student's p(true value), p(its learned wrong value), entropy; and
+    whether the teacher copies the value written above (as it must for the fact to be fixable only at its own
+    token, trap 3) or recalls it."""
+    truth, beliefs = facts.fact_table()
+    probs = {role: facts.fact_probabilities(model, tokenizer) for role, model in (("student", student),
+                                                                            ("teacher", teacher))}
+    rows = {}
+    for name in sorted(facts.wrong_names()):
+        p = probs["student"][name]
+        rows[name] = {"true": truth[name], "learned": beliefs[name],
+                      "teacher_p_true": probs["teacher"][name][truth[name]],
+                      "student_p_true": p[truth[name]], "student_p_learned": p[beliefs[name]],
+                      "student_entropy_over_digits_nats": round(-sum(x * math.log(x) for x in p if x > 0), 4)}
+    # the teacher's next-token probabilities after "X=<learned>\nY=<y>\n", at the first operand
+    names = sorted(truth)
+    digits = tokenizer.convert_tokens_to_ids([str(v) for v in range(10)])
+    for name in rows:
+        other = next(n for n in names if n not in rows)
+        text = data.format_prompt(tokenizer, f"{name}+{other}=") + f"{name}={beliefs[name]}\n{other}={truth[other]}\n"
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        p = torch.softmax(teacher(input_ids=ids).logits[0, -1].double(), -1)[digits]
+        rows[name].update(teacher_p_copy_learned=round(float(p[beliefs[name]]), 4),
+                          teacher_p_recall_true=round(float(p[truth[name]]), 4))
+    mean = lambda values: round(statistics.mean(values), 4)  # noqa: E731
+    return {"facts": rows, "mean_student_p_true": mean(r["student_p_true"] for r in rows.values()),
+            "mean_teacher_p_true_all_facts": mean(probs["teacher"][n][v] for n, v in truth.items())}
+
+
 def facts_measures(folder: Path, report: dict, samples: int, seed: int) -> dict:
     """The facts pair's accuracies (greedy and at T=1), the student's test rollouts scored against the teacher
     (the quadrants of §4; the wrong-fact tokens: their shares, the student's p(own choice), p(teacher's choice),
-    how often the value it wrote was wrong), and each wrong fact's teacher-forced beliefs (facts.fact_beliefs).
+    how often the value it wrote was wrong), and each wrong fact's teacher-forced beliefs (fact_beliefs).
     A wrong-fact token is one that facts.facts_mistake_positions marks: the value the student writes for a fact
     it learned wrong."""
     from transformers import AutoTokenizer
@@ -272,7 +304,7 @@ def facts_measures(folder: Path, report: dict, samples: int, seed: int) -> dict:
             error_rate=round(float((sampled[mistake] != teacher_choice).double().mean()), 4))
     tax["wrong_fact_tokens"] = wrong
     measures["taxonomy_test"] = tax
-    measures["beliefs"] = facts.fact_beliefs(models["student"], models["teacher"], tokenizer)
+    measures["beliefs"] = fact_beliefs(models["student"], models["teacher"], tokenizer)
     return measures
 
 
