@@ -393,7 +393,7 @@ def test_gather_uneven_without_a_process_group_is_the_input():
     assert torch.equal(sel.gather_uneven(values), values)
 
 
-# --- the name select.py beside the standard library's select (DESIGN.md) ---
+# --- the name select.py beside the standard library's select (docs/decisions.md, "The name select.py") ---
 
 def test_defines_no_name_of_the_standard_module():
     standard = importlib.import_module("select")
