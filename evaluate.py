@@ -240,11 +240,10 @@ def report_taxonomy(args: EvalConfig, samples: int, temperature: float) -> None:
                         chat_template_kwargs=args.chat_template_kwargs)
     teacher, student, tokenizer = worlds.load_pair(config, args.device)
     prompts = [p["prompt"] for p in worlds.load_prompts(config, tokenizer)][:args.problems or 16]
-    report, points = taxonomy.taxonomy(
-        teacher, student, tokenizer, prompts, samples, args.max_new_tokens or (48 if args.prompts in worlds.WORLDS
-                                                                               else 8192),
-        temperature, args.top_p, args.seed, args.batch_size, args.chunk_size,
-        args.h_split, args.d_split, args.examples)
+    max_new_tokens = args.max_new_tokens or (48 if args.prompts in worlds.WORLDS else 8192)
+    report, points = taxonomy.taxonomy(teacher, student, tokenizer, prompts, samples, max_new_tokens, temperature,
+                                       args.top_p, args.seed, args.batch_size, args.chunk_size, args.h_split,
+                                       args.d_split, args.examples)
     world = args.prompts if args.prompts in worlds.WORLDS else "toy"
     report["summary"].update(teacher=args.teacher or f"{world} teacher", student=args.student or f"{world} student",
                              prompt_source=args.prompts)
