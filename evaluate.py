@@ -21,6 +21,7 @@ import grade
 import pair
 import taxonomy
 import tip
+import vllm_engine
 import worlds
 from tip import arg
 
@@ -149,7 +150,7 @@ def model_generator(model, tokenizer, max_new_tokens: int, temperature: float, t
                     batch_size: int | None, engine=None, tasks: dict | None = None, max_turns: int = 8,
                     switches: dict | None = None):
     """`generate(prompts, n)` for run_benchmark: rollouts y ~ S(·|x) (§3), temperature 0 = greedy, seed + call;
-    through `engine` (a rollout.VLLMEngine holding the model's weights) when given, else transformers generate.
+    through `engine` (a vllm_engine.VLLMEngine holding the model's weights) when given, else transformers generate.
     With `tasks` ({prompt: rollout.Task}) each prompt is a conversation with tools; its response is the last
     assistant turn."""
     from rollout import generate_conversations, generate_rollouts
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         problems = [] if planning else load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
         import rollout
         if args.engine == "vllm":
-            rollout.require_vllm()  # before the model loads
+            vllm_engine.require_vllm()  # before the model loads
         model, tokenizer = pair.load_model(worlds.model_path(args.model, args.world_dir), args.device, args.dtype)
         bare = args.benchmark in worlds.WORLDS  # the worlds' models learned bare problems, whatever the source
         max_new_tokens = args.max_new_tokens or (48 if bare else 8192)
@@ -302,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         engine = None
         if args.engine == "vllm":
             longest = max(map(len, data.encode_prompts(tokenizer, prompts)))
-            engine = rollout.VLLMEngine(model, tokenizer, longest + max_new_tokens, args.gpu_memory_utilization,
-                                        args.dtype, args.seed)
+            engine = vllm_engine.VLLMEngine(model, tokenizer, longest + max_new_tokens,
+                                            args.gpu_memory_utilization, args.dtype, args.seed)
         generate = model_generator(model, tokenizer, max_new_tokens, temperature, args.top_p, args.seed,
                                    args.batch_size, engine, tasks, switches=switches)
         try:

@@ -4,27 +4,21 @@
     response_mask   0   0  0 0 0 | 1 1 1  1  |  0   0     exactly the sampled tokens, EOS included
 
 The hidden state at p predicts the token at p+1: the scored rows are `hidden[:, :-1][response_mask[:, 1:]]`.
-Engines: transformers `generate` (`generate_rollouts`), conversations with tools (`generate_conversations`,
-only the student's own turns in the mask), and vLLM (`VLLMEngine`, optional, synced to the student every step).
+Engines: transformers `generate` (`generate_rollouts`) and conversations with tools (`generate_conversations`,
+only the student's own turns in the mask) here; the optional vLLM engine is vllm_engine.py.
 """
 from __future__ import annotations
 
-import copy
 import json
-import os
-import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-import numpy
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
 import data
-import pair
 import tip
 
 
@@ -89,7 +83,8 @@ def to_rollouts(tokenizer, encoded: list[list[int]], responses: list[list[int]],
     )
 
 
-def _encode(tokenizer, prompts: list[str], n: int, max_new_tokens: int) -> list[list[int]]:
+def encode_for_sampling(tokenizer, prompts: list[str], n: int, max_new_tokens: int) -> list[list[int]]:
+    """The prompts' token lists, every engine's arguments checked first."""
     if not prompts or n < 1 or max_new_tokens < 1:
         raise ValueError(f"need prompts, n >= 1 and max_new_tokens >= 1 (got {len(prompts)}, {n}, {max_new_tokens})")
     encoded = data.encode_prompts(tokenizer, prompts)
@@ -107,7 +102,7 @@ def generate_rollouts(model, tokenizer, prompts: list[str], n: int, max_new_toke
     None). A DDP-wrapped model samples through its inner module; a model in training mode (gradient
     checkpointing or not) samples in eval mode with the cache and is put back in training mode.
     """
-    encoded = _encode(tokenizer, prompts, n, max_new_tokens)
+    encoded = encode_for_sampling(tokenizer, prompts, n, max_new_tokens)
     responses = sample_tokens(model, tokenizer, encoded, n, max_new_tokens, temperature, top_p, seed, batch_size,
                               show_progress)
     inner = tip.unwrap(model)
@@ -241,7 +236,7 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
         raise ValueError(f"max_turns must be at least 1 (got {max_turns})")
     prompts = [tokenizer.apply_chat_template(t.messages, tools=t.tools or None, tokenize=False,
                                              add_generation_prompt=True, **(switches or {})) for t in tasks]
-    encoded = _encode(tokenizer, prompts, n, max_new_tokens)
+    encoded = encode_for_sampling(tokenizer, prompts, n, max_new_tokens)
     inner = tip.unwrap(model)
     eos, pad = stop_and_pad_ids(inner, tokenizer)
     rows = len(tasks) * n
@@ -278,114 +273,3 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
             break
     return to_rollouts(tokenizer, encoded, tokens, n, eos, pad, next(inner.parameters()).device, sampled,
                        conversations)
-
-
-def require_vllm():
-    """The vllm module, or an InputError that says how to install it (the core install does without it)."""
-    try:
-        import vllm
-    except ImportError as error:
-        raise tip.InputError(f"the vLLM engine needs vllm ({error}): pip install -r requirements-vllm.txt") from error
-    return vllm
-
-
-class VLLMEngine:
-    """Rollouts y ~ S_θ(·|x) (§3) from vLLM's offline engine, in this process beside the trainer.
-
-    Create it once from the student; after every optimizer step (and after a resume) `sync(student)` pushes
-    θ into it, so the samples stay on-policy. `generate` returns exactly `generate_rollouts`' layout, stop
-    tokens and sampling (temperature and top-p only). On GPU, `sleep()` frees the engine's memory for the
-    training step; the next `sync` wakes it. `dtype` "auto" is bf16 where vLLM runs on GPU, fp32 on CPU.
-    """
-
-    def __init__(self, model, tokenizer, max_model_len: int | None = None, gpu_memory_utilization: float = 0.5,
-                 dtype="auto", seed: int = 0):
-        vllm = require_vllm()
-        from vllm.platforms import current_platform
-        # in-process: a separate engine process would re-import the caller's main module
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        on_cpu = current_platform.is_cpu()
-        if on_cpu:  # vLLM's CPU backend otherwise reserves gpu_memory_utilization of all RAM
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB
-        inner = tip.unwrap(model)
-        self.tokenizer, self.device = tokenizer, next(inner.parameters()).device
-        self.eos, self.pad = stop_and_pad_ids(inner, tokenizer)
-        # vLLM builds the model from a folder: config and tokenizer only; the weights come from sync()
-        self._folder = tempfile.TemporaryDirectory(prefix="tip-vllm-")
-        config = copy.deepcopy(inner.config)
-        config.architectures = config.architectures or [type(inner).__name__.removeprefix("FSDP")]
-        config.save_pretrained(self._folder.name)
-        tokenizer.save_pretrained(self._folder.name)
-        self._devices = [] if on_cpu else [torch.cuda.current_device()]
-        states = random.getstate(), numpy.random.get_state()
-        with torch.random.fork_rng(devices=self._devices):  # vLLM reseeds every generator of the process
-            self.llm = vllm.LLM(
-                model=self._folder.name, load_format="dummy", seed=seed, max_model_len=max_model_len,
-                dtype=pair.torch_dtype(dtype, "cpu" if on_cpu else "cuda"), enforce_eager=on_cpu,
-                gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=not on_cpu,
-                # a partly prefilled request rewinds its seeded generator, which CPU generators cannot do
-                enable_chunked_prefill=not on_cpu,
-                generation_config="vllm",  # no sampling defaults from the model's generation config
-                # under torchrun each rank runs its own engine on its own GPU (LOCAL_RANK)
-                distributed_executor_backend="external_launcher" if tip.world_size() > 1 else None)
-        random.setstate(states[0])
-        numpy.random.set_state(states[1])
-        self.can_sleep, self.asleep, self.stale = not on_cpu, False, True
-        self.sync(model)
-
-    def sync(self, model) -> None:
-        """Load the current weights θ of the transformers `model` into the engine (waking it if asleep).
-        Sharded FSDP2 parameters are gathered with full_tensor(), a collective: every rank must call this."""
-        self.wake_up()
-        weights = ((name, p.full_tensor() if hasattr(p, "full_tensor") else p.detach())
-                   for name, p in tip.unwrap(model).named_parameters())
-        # the model runner's in-place reload; the model's own load_weights fails once vLLM repacked the weights
-        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
-        self.llm.reset_prefix_cache()  # cached prompt keys and values came from the old weights
-        self.stale = False
-
-    def sleep(self) -> None:
-        """Free the engine's GPU memory (weights and KV cache) during the training step. vLLM has no sleep
-        mode on CPU, where this does nothing."""
-        if self.can_sleep and not self.asleep:
-            self.llm.sleep(level=2)  # level 2 discards the weights too: the next sync() overwrites them anyway
-            self.asleep, self.stale = True, True
-
-    def wake_up(self) -> None:
-        """Take the memory back; the weights are stale until the next sync()."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-
-    def close(self) -> None:
-        """Shut the engine down (as garbage collection would). vLLM's teardown also destroys torch.distributed's
-        default process group, the training one under torchrun: keep one engine for the whole run and close it
-        after the last collective (then skip dist.destroy_process_group())."""
-        self.llm.llm_engine.engine_core.shutdown()
-        self._folder.cleanup()
-
-    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature=1.0, top_p=1.0, seed=None,
-                 show_progress=False) -> Rollouts:
-        """`generate_rollouts` through the engine: same layout, stop tokens and sampling; temperature 0 is
-        greedy. With a `seed` the samples are reproducible, whatever else the engine runs."""
-        from vllm import SamplingParams
-        if self.stale:
-            raise ValueError("the engine's weights are stale after sleep(): call sync(model) first")
-        encoded = _encode(self.tokenizer, prompts, n, max_new_tokens)
-        limit = self.llm.llm_engine.model_config.max_model_len
-        if max(map(len, encoded)) + max_new_tokens > limit:
-            raise ValueError(f"prompt + max_new_tokens = {max(map(len, encoded)) + max_new_tokens} exceeds the "
-                             f"engine's max_model_len {limit}: rollouts would be cut short")
-        copies = n if temperature <= 0 else 1  # vLLM decodes greedily once per prompt: n equal rows
-        # vLLM seeds the n samples of a request with s, s + 1, ...: each prompt draws its own s
-        draw = random.Random(seed)
-        params = [SamplingParams(n=n // copies, max_tokens=max_new_tokens, temperature=max(temperature, 0.0),
-                                 top_p=top_p, top_k=0, seed=None if seed is None else draw.randrange(2 ** 31),
-                                 detokenize=False, ignore_eos=True, stop_token_ids=self.eos)  # our EOS list only
-                  for _ in encoded]
-        with torch.random.fork_rng(devices=self._devices, enabled=seed is not None):  # vLLM draws from it too
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params,
-                                        use_tqdm=show_progress)
-        responses = [list(c.token_ids) for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)
-                     for _ in range(copies)]
-        return to_rollouts(self.tokenizer, encoded, responses, n, self.eos, self.pad, self.device)

@@ -80,6 +80,11 @@ class Config:
     gpu_memory_utilization: float = arg(0.3, "--engine vllm on GPU: the share of the GPU vLLM takes for its weights "
                                         "and KV cache, beside the training step's (its memory is released while "
                                         "the student trains)")
+    engine_check_every: int = arg(1, "--engine vllm: after every this many weight syncs, compare the engine's "
+                                  "log-probabilities of a short probe with the student's and stop the run on a "
+                                  "mismatch (0 = never)")
+    engine_check_tolerance: float = arg(0.0, "--engine vllm: the largest |log p| difference (nats) the check allows; "
+                                        "0 = by the engine's dtype: 0.05 in fp32, 1.0 in bf16/fp16")
     temperature: float = arg(1.0, "sampling temperature for rollouts")
     top_p: float = arg(1.0, "nucleus sampling top-p for rollouts")
     # --- optimisation (Table 9; weight decay and clip from the base repository) ---
@@ -262,6 +267,14 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     if is_distributed():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: float, device) -> float:
+    """The largest of one scalar over ranks (a check every rank must act on alike)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def autocast(device: torch.device):

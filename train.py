@@ -30,6 +30,7 @@ import pair
 import rollout
 import score
 import tip
+import vllm_engine
 import worlds
 from rollout import Rollouts, generate_conversations, generate_rollouts
 
@@ -53,7 +54,7 @@ def sampling_seed(step: int, config: tip.Config) -> int:
 # --- one optimizer step, in the order it runs ---
 
 def sample_rollouts(step: int, student, tokenizer, prompts: list[dict], config: tip.Config, device,
-                    engine: rollout.VLLMEngine | None = None) -> tuple[list[dict], Rollouts]:
+                    engine: vllm_engine.VLLMEngine | None = None) -> tuple[list[dict], Rollouts]:
     """Step 1: this rank's share of the step's prompts × n rollouts y ~ S_θ(·|x) from the current student (§3),
     sampled in the compute precision or by the vLLM engine, which then sleeps through the step. Returns the
     prompts of the rollouts and the rollouts."""
@@ -222,7 +223,7 @@ def train_step(student, teacher, rollouts: Rollouts, optimizer, config: tip.Conf
 
 
 def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device,
-             engine: rollout.VLLMEngine | None = None) -> dict:
+             engine: vllm_engine.VLLMEngine | None = None) -> dict:
     """One logged step: rollouts (step 1), `train_step` (steps 2–5), the engine synced to the new θ, the reward of
     the rollouts, and the held-out accuracy every --eval-every steps."""
     t0 = time.time()
@@ -232,7 +233,8 @@ def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problem
     generator = torch.Generator().manual_seed(sampling_seed(step, config))  # the sampled rules' draws
     metrics = train_step(student, teacher, rollouts, optimizer, config, step, generator, mistakes)
     if engine is not None:
-        engine.sync(student)  # on-policy: the next step samples from the weights this step made
+        engine.sync(student)  # on-policy: the next step samples from the weights this step made (and checks it)
+        metrics["engine_logprob_gap"] = engine.last_gap
     scored = [grade.reward(mine[int(i)], text, conversation) for text, i, conversation in
               zip(rollouts.texts, rollouts.prompt_index, rollouts.conversations or [None] * len(rollouts.texts))]
     scored = [r for r in scored if r is not None]
@@ -281,7 +283,7 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
     try:
         data.template_switches(config)
         if config.engine == "vllm":
-            rollout.require_vllm()
+            vllm_engine.require_vllm()
     except tip.InputError as error:
         parser.error(str(error))
     return config
@@ -333,8 +335,9 @@ def train(config: tip.Config, device) -> None:
         start_step = checkpoint.resume_from(checkpoint.newest_checkpoint(run_dir), student, optimizer)
     engine = None
     if config.engine == "vllm":  # created from the (resumed) student: its weights are the current θ
-        engine = rollout.VLLMEngine(student, tokenizer, config.max_prompt_len + config.max_response_len,
-                                    config.gpu_memory_utilization, config.dtype, config.seed + tip.rank())
+        engine = vllm_engine.VLLMEngine(student, tokenizer, config.max_prompt_len + config.max_response_len,
+                                        config.gpu_memory_utilization, config.dtype, config.seed + tip.rank(),
+                                        config.engine_check_every, config.engine_check_tolerance)
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(config.seed)  # the same on every rank: initialisation must agree
     try:
         train(config, device)
-    except tip.InputError as error:  # a user's mistake: the message alone, once, and a non-zero exit
+    except (tip.InputError, vllm_engine.OffPolicyError) as error:  # the message alone, once; a non-zero exit
         if tip.rank() != 0:  # torchrun stops every process when one fails: rank 0 gets the time to say why
             time.sleep(10)
         raise SystemExit(f"error: {error}" if tip.rank() == 0 else 1) from None

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 import rollout  # noqa: E402  (after the path fix, so the script runs from any folder)
 import worlds  # noqa: E402
 import tip  # noqa: E402
+import vllm_engine  # noqa: E402
 
 TARGET = 2.5
 # What runs: each engine runs train.py's `run_step` (rollouts, scoring, selection, loss, optimizer; the engine also
@@ -144,7 +145,7 @@ def main(args) -> int:
           f"{n * len(prompts)} rollouts ({len(prompts)} prompts x {n}) per step, type_aware, micro-batches of "
           f"{args.micro_batch_size} with gradient checkpointing, AdamW")
     start = time.perf_counter()
-    engine = rollout.VLLMEngine(model, tokenizer, max_model_len=max(args.lengths) + 128, seed=args.seed)
+    engine = vllm_engine.VLLMEngine(model, tokenizer, max_model_len=max(args.lengths) + 128, seed=args.seed)
     startup = time.perf_counter() - start
     start = time.perf_counter()
     engine.sync(model)

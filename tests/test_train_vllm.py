@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import data
-import rollout
 import train
+import vllm_engine
 from conftest import ROOT, char_tokenizer, tiny_causal_lm
 from test_vllm import engine_logprob_gap
 
@@ -21,11 +21,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """A saved pair vLLM can run (its CPU attention needs heads of 32 or more) and a prompt file."""
+    """A saved pair vLLM can run (its CPU attention needs heads of 32 or more) and a prompt file. The student
+    ties its head to its embeddings, as Qwen3 0.6B-4B do."""
     folder = tmp_path_factory.mktemp("vllm_pair")
     tokenizer = char_tokenizer()
-    for role, hidden, seed in (("teacher", 96, 1), ("student", 64, 2)):
-        tiny_causal_lm(tokenizer, hidden, seed=seed).save_pretrained(folder / role)
+    for role, hidden, seed, tied in (("teacher", 96, 1, False), ("student", 64, 2, True)):
+        tiny_causal_lm(tokenizer, hidden, seed=seed, tie_word_embeddings=tied).save_pretrained(folder / role)
         tokenizer.save_pretrained(folder / role)
     rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
     (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -44,19 +45,35 @@ def test_each_step_samples_from_the_weights_the_step_before_made(pair, tmp_path,
     differ from the trained student's (recomputed with transformers, fp32); after it, they are equal."""
     tokenizer = char_tokenizer()
     encoded = data.encode_prompts(tokenizer, [data.format_prompt(tokenizer, f"{a}+1=") for a in range(3)])
-    gaps, real_sync = [], rollout.VLLMEngine.sync
+    gaps, real_sync = [], vllm_engine.VLLMEngine.sync
 
     def checked_sync(engine, model):
         before = engine_logprob_gap(engine, model, encoded, seed=1) if gaps else None  # the first: at creation
         real_sync(engine, model)
         gaps.append((before, engine_logprob_gap(engine, model, encoded, seed=1)))
-    monkeypatch.setattr(rollout.VLLMEngine, "sync", checked_sync)
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "sync", checked_sync)
     train.main(cli(pair, tmp_path, "--run-name", "on-policy"))
     assert len(gaps) == 4  # at creation, then after each of the 3 steps
     assert all(after < 1e-4 for _, after in gaps)
     assert all(before > 1e-3 for before, _ in gaps[1:])
     lines = [json.loads(line) for line in (tmp_path / "on-policy" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and not any(line["skipped"] for line in lines)
+    assert all(0 <= line["engine_logprob_gap"] < 1e-3 for line in lines)  # the built-in check, logged per step
+
+
+def test_a_weight_the_sync_misses_stops_the_run(pair, tmp_path, monkeypatch):
+    """A sync that leaves one weight at the engine's dummy initialisation (here the tied head, as the sync did
+    before it listed a tied head under its own name) stops the run with one line naming the gap, before any
+    step trains on another model's rollouts."""
+    real_weights = vllm_engine.engine_weights
+    monkeypatch.setattr(vllm_engine, "engine_weights", lambda model: ((name, w) for name, w in real_weights(model)
+                                                                      if name != "lm_head.weight"))
+    steps = []
+    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: steps.append(1))
+    with pytest.raises(SystemExit, match=r"^error: the vLLM engine's log-probabilities differ from the student's by "
+                                         r"up to \d"):
+        train.main(cli(pair, tmp_path, "--run-name", "missed"))
+    assert steps == []
 
 
 def test_two_processes_with_the_engine(pair, tmp_path):

@@ -1,4 +1,4 @@
-"""rollout.VLLMEngine: vLLM samples the rollouts y ~ S_θ(·|x) of §3 exactly as generate_rollouts does, from
+"""vllm_engine.VLLMEngine: vLLM samples the rollouts y ~ S_θ(·|x) of §3 exactly as generate_rollouts does, from
 the weights θ that sync() pushed, and evaluate.py's mean@k (§7.1) runs through it.
 
 Skipped where vllm is not installed (pip install -r requirements-vllm.txt), except the test of the error a
@@ -9,18 +9,20 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import data
 import evaluate
 import rollout
 import tip
+import vllm_engine
 from conftest import ROOT, char_tokenizer
 from test_rollout import QUESTIONS, check_layout
 
@@ -62,7 +64,7 @@ def student(tokenizer):
 @pytest.fixture
 def engine(student, tokenizer):
     # one engine at a time: closing one tears down vLLM's process-wide state that every engine uses
-    engine = rollout.VLLMEngine(student, tokenizer, max_model_len=MAX_LEN)
+    engine = vllm_engine.VLLMEngine(student, tokenizer, max_model_len=MAX_LEN)
     yield engine
     engine.close()
 
@@ -70,7 +72,7 @@ def engine(student, tokenizer):
 def test_missing_vllm_is_a_clear_error(monkeypatch, student, tokenizer):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
     with pytest.raises(tip.InputError, match=r"pip install -r requirements-vllm\.txt"):
-        rollout.VLLMEngine(student, tokenizer)
+        vllm_engine.VLLMEngine(student, tokenizer)
 
 
 @requires_vllm
@@ -88,7 +90,7 @@ def test_real_vocabulary_and_several_stop_tokens(tokenizer, prompts):
     eos = [tokenizer.eos_token_id, *range(1000, 11000)]  # ~7% of the vocabulary: rows end after ~15 tokens
     model.generation_config.eos_token_id = eos
     rng_state, python_state = torch.get_rng_state(), random.getstate()
-    engine = rollout.VLLMEngine(model, tokenizer, max_model_len=256)
+    engine = vllm_engine.VLLMEngine(model, tokenizer, max_model_len=256)
     assert torch.equal(torch.get_rng_state(), rng_state) and random.getstate() == python_state  # vLLM reseeds
     max_new = 48
     try:
@@ -110,7 +112,7 @@ def test_greedy_equals_generate_token_for_token(student, tokenizer, prompts, sto
     if stop == "generation config":
         model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_start|>")]
     hf = rollout.generate_rollouts(model, tokenizer, prompts, n=2, max_new_tokens=30, temperature=0)
-    engine = rollout.VLLMEngine(model, tokenizer, max_model_len=MAX_LEN)
+    engine = vllm_engine.VLLMEngine(model, tokenizer, max_model_len=MAX_LEN)
     try:
         ours = engine.generate(prompts, n=2, max_new_tokens=30, temperature=0)
     finally:
@@ -180,6 +182,101 @@ def test_sync_pushes_the_trained_weights(engine, student, tokenizer):
     assert engine_logprob_gap(engine, trained, encoded, seed=1) < 1e-4
 
 
+def tied(tokenizer, architecture: str, seed=0):
+    """A random fp32 model whose LM head is its input embeddings (Qwen3 0.6B-4B, Llama 3.2, SmolLM2)."""
+    if architecture == "qwen3":
+        return qwen3(tokenizer, seed=seed, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=MAX_LEN, tie_word_embeddings=True,
+        initializer_range=0.3, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+def test_sync_names_every_weight_transformers_saves(tokenizer, architecture):
+    """The sync sends a weight under every name a checkpoint of the model holds (transformers' state_dict, the
+    independent reference): a tied head goes as lm_head.weight too, the same tensor as the embeddings."""
+    model = tied(tokenizer, architecture)
+    sent = dict(vllm_engine.engine_weights(model))
+    assert set(sent) == set(model.state_dict()) and "lm_head.weight" in sent
+    assert sent["lm_head.weight"].data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    untied = qwen3(tokenizer)
+    assert set(dict(vllm_engine.engine_weights(untied))) == set(untied.state_dict())
+
+
+@requires_vllm
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+def test_tied_heads_sample_as_generate_before_and_after_training(tokenizer, prompts, architecture):
+    """A tied model through the engine: greedy rollouts equal generate's token for token at creation, and after
+    optimizer steps and a sync the engine's log-probabilities of its own samples are the trained model's."""
+    model = tied(tokenizer, architecture)
+    hf = rollout.generate_rollouts(model, tokenizer, prompts, n=1, max_new_tokens=30, temperature=0)
+    engine = vllm_engine.VLLMEngine(model, tokenizer, max_model_len=MAX_LEN)
+    try:
+        ours = engine.generate(prompts, n=1, max_new_tokens=30, temperature=0)
+        assert torch.equal(hf.input_ids, ours.input_ids) and len(set(hf.texts)) > 1
+        trained = copy.deepcopy(model).train()
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+        batch = torch.tensor([data.encode_prompts(tokenizer, prompts[:1])[0] + [5, 6, 7]])
+        for _ in range(3):
+            trained(batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        encoded = data.encode_prompts(tokenizer, prompts)
+        assert engine_logprob_gap(engine, trained, encoded, seed=1) > 0.05
+        engine.sync(trained)
+        assert engine_logprob_gap(engine, trained, encoded, seed=1) < 1e-4
+        assert engine.last_gap < 1e-4  # the engine's own check agrees
+    finally:
+        engine.close()
+
+
+@requires_vllm
+@pytest.mark.parametrize("missed", ["lm_head.weight", "model.layers.1.mlp.down_proj.weight"])
+def test_the_on_policy_check_stops_an_engine_with_another_models_weights(tokenizer, monkeypatch, missed):
+    """A weight the sync does not reach keeps vLLM's dummy initialisation: the check raises at once, naming the
+    largest log-probability difference, instead of sampling another model's rollouts."""
+    model = tied(tokenizer, "qwen3")
+    real_weights = vllm_engine.engine_weights
+    monkeypatch.setattr(vllm_engine, "engine_weights",
+                        lambda m: ((name, w) for name, w in real_weights(m) if name != missed))
+    with pytest.raises(vllm_engine.OffPolicyError, match=r"differ from the student's by up to (\d+\.?\d*) nats") \
+            as raised:
+        vllm_engine.VLLMEngine(model, tokenizer, max_model_len=MAX_LEN)
+    gap = float(re.search(r"up to ([\d.e+-]+) nats", str(raised.value)).group(1))
+    assert gap > 1.0  # an unsynced weight moves the log-probabilities by nats, far beyond the tolerance
+
+
+@requires_vllm
+def test_the_check_catches_stale_weights_and_runs_every_n_syncs(engine, student, tokenizer, monkeypatch):
+    """Weights that changed after the last sync fail the check (fp32 tolerance 0.05 nats); with check_every=2 the
+    check runs at syncs 1, 3, 5 ... and the gap of an unchecked sync is None, not the last one's."""
+    assert engine.check_on_policy(student) < 1e-4
+    trained = copy.deepcopy(student).train()
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+    batch = torch.tensor([data.encode_prompts(tokenizer, QUESTIONS[:1])[0] + [5, 6, 7]])
+    for _ in range(3):
+        trained(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with pytest.raises(vllm_engine.OffPolicyError):
+        engine.check_on_policy(trained)
+    checks = []
+    real_check = vllm_engine.VLLMEngine.check_on_policy
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "check_on_policy",
+                        lambda self, model: checks.append(self.syncs) or real_check(self, model))
+    engine.check_every, engine.syncs = 2, 0
+    gaps = []
+    for _ in range(5):
+        engine.sync(trained)
+        gaps.append(engine.last_gap)
+    assert checks == [1, 3, 5]
+    assert [gap is None for gap in gaps] == [False, True, False, True, False]
+
+
 @requires_vllm
 def test_sync_gathers_fsdp2_shards(student, tokenizer, prompts, tmp_path):
     """An FSDP2-sharded student (DTensor parameters, class FSDPQwen3ForCausalLM) feeds the engine as the plain
@@ -192,7 +289,7 @@ def test_sync_gathers_fsdp2_shards(student, tokenizer, prompts, tmp_path):
             fully_shard(layer)
         fully_shard(sharded)
         assert hasattr(next(sharded.parameters()), "full_tensor")
-        engine = rollout.VLLMEngine(sharded, tokenizer, max_model_len=MAX_LEN)
+        engine = vllm_engine.VLLMEngine(sharded, tokenizer, max_model_len=MAX_LEN)
         ours = engine.generate(prompts, n=1, max_new_tokens=30, temperature=0)
         engine.close()  # vLLM's teardown destroys the process group too
     finally:
@@ -250,8 +347,8 @@ def test_evaluate_mean_at_k_through_the_engine(tmp_path, tokenizer, monkeypatch)
         return json.loads(out.read_text())
 
     calls = []
-    engine_generate = rollout.VLLMEngine.generate
-    monkeypatch.setattr(rollout.VLLMEngine, "generate", lambda *args, **kwargs: calls.append(args[2]) or
+    engine_generate = vllm_engine.VLLMEngine.generate
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "generate", lambda *args, **kwargs: calls.append(args[2]) or
                         engine_generate(*args, **kwargs))
     greedy = {engine: run(engine, "--greedy") for engine in ("hf", "vllm")}
     assert calls == [1]  # one call: the 4 problems x 1 sample, through the engine
