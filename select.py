@@ -216,9 +216,16 @@ def select_tokens(rule: str, stats, response_mask: torch.Tensor, ratio: float | 
 
 
 if __name__ == "__main__":
+    import argparse
     from types import SimpleNamespace
 
-    rollouts, longest, seed = 16, 256, 0  # a demo: the quadrant table (§4) and what each rule of §5 keeps
+    parser = argparse.ArgumentParser(description="A demo on a random batch: the quadrant table (§4) and what each "
+                                     "rule of §5 keeps.")
+    parser.add_argument("--rollouts", type=int, default=16, help="rollouts in the batch (default: 16)")
+    parser.add_argument("--length", type=int, default=256, help="the longest response, in tokens (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch and the sampled rules (default: 0)")
+    flags = parser.parse_args()
+    rollouts, longest, seed = flags.rollouts, flags.length, flags.seed
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, longest + 1, (rollouts,), generator=g)
     mask = torch.arange(longest) < lengths[:, None]

@@ -137,7 +137,9 @@ def flag_parser(config_class, description: str = "") -> argparse.ArgumentParser:
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']} (default: {default!r})")
+        # argparse %-formats help strings: a literal % (as in "20 % of the tasks") must be doubled
+        help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
+        kwargs = dict(dest=f.name, default=None, help=help_text)
         kind = f.type if isinstance(f.type, str) else f.type.__name__ if isinstance(f.type, type) else str(f.type)
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)

@@ -418,4 +418,4 @@ def test_commands_from_the_project_root(command, tmp_path):
     names = {"python": python, "pytest": str(Path(python).with_name("pytest")), "tmp": str(tmp_path)}
     result = run([part.format(**names) for part in command])
     if command[-1] == "20":
-        assert "type_aware" in result.stdout and "Q3" in result.stdout
+        assert "type_aware" in result.stdout and "Q3" in result.stdout and " in 3 rollouts;" in result.stdout

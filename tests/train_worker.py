@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, from any folder
 import checkpoint
 import data
 import evaluate
@@ -92,6 +93,9 @@ def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7, tool
 
 
 def worker() -> None:
+    if len(sys.argv) < 3 or sys.argv[1] in ("-h", "--help"):
+        print(f"usage: {__doc__}")
+        return
     out_dir, mode = Path(sys.argv[1]), sys.argv[2]
     tip.init_distributed()
     if mode == "nan_on_rank_1":  # train.main on the rest of the command line; rank 1's first scores are NaN
