@@ -478,3 +478,21 @@ def test_toy_main_job_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert len(lines) == 2 and all("mistake_tokens" in line for line in lines)
     assert "held_out_accuracy" not in lines[0] and 0 <= lines[1]["held_out_accuracy"] <= 1
     assert (tmp_path / "toy" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6, 0.0])
+def test_gradient_norm_and_clip_are_torchs(max_norm):
+    """The logged norm and the clipped gradients are torch.nn.utils.clip_grad_norm_'s (0 = no clipping)."""
+    _, student = make_pair()
+    generator = torch.Generator().manual_seed(3)
+    for p in student.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    reference = copy.deepcopy(student)
+    for p, q in zip(student.parameters(), reference.parameters()):
+        q.grad = p.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm or float("inf"))
+    norm = train.sync_and_clip_gradients(student, max_norm)
+    assert norm == pytest.approx(expected.item(), rel=1e-6)
+    for (name, p), q in zip(student.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, msg=name)
+    assert (max_norm == 1e-3) == (sum(p.grad.pow(2).sum() for p in student.parameters()).sqrt() < 2e-3)
