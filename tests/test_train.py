@@ -310,9 +310,10 @@ def comparable(metrics_path):
     return [{k: v for k, v in line.items() if k not in timing} for line in lines]
 
 
-def test_resume_after_sigterm_matches_an_uninterrupted_run(pair_and_prompts, tmp_path, monkeypatch):
-    """Weights, metrics and the random state: each step draws from the global generator, so a resume that
-    did not restore it would draw the first step's numbers again."""
+def test_two_resumes_after_sigterm_match_an_uninterrupted_run(pair_and_prompts, tmp_path, monkeypatch):
+    """Weights, metrics and the random state over a run stopped twice (a checkpoint every step): each resume
+    continues from the newest checkpoint. Each step draws from the global generator, so a resume that did not
+    restore it, or went back to an older checkpoint, would draw other numbers."""
     from safetensors.torch import load_file
 
     real_step = train.train_step
@@ -320,18 +321,21 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(pair_and_prompts, tmp
 
     def drawing_step(run, *args, **kwargs):
         draws[run].append(torch.rand(1).item())
-        if run == "killed" and args[5] == 1 and len(draws["killed"]) == 2:  # SIGTERM arrives while step 2 runs
+        step = args[5]
+        if run == "killed" and step in (1, 2) and len(draws["killed"]) == step + 1:  # SIGTERM during steps 2, 3
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", lambda *a, **k: drawing_step("straight", *a, **k))
-    train.main(cli(pair_and_prompts, tmp_path, "straight"))
+    train.main(cli(pair_and_prompts, tmp_path, "straight", "--save-every", "1"))
     monkeypatch.setattr(train, "train_step", lambda *a, **k: drawing_step("killed", *a, **k))
-    train.main(cli(pair_and_prompts, tmp_path, "killed"))
+    train.main(cli(pair_and_prompts, tmp_path, "killed", "--save-every", "1"))
     killed = tmp_path / "killed"
-    assert [p.name for p in sorted(killed.glob("checkpoint-*"))] == ["checkpoint-000002"]
+    assert [p.name for p in sorted(killed.glob("checkpoint-*"))] == ["checkpoint-000001", "checkpoint-000002"]
     assert not (killed / "final").exists() and len(comparable(killed / "metrics.jsonl")) == 2
-    train.main(cli(pair_and_prompts, tmp_path, "killed", "--resume"))
+    train.main(cli(pair_and_prompts, tmp_path, "killed", "--save-every", "1", "--resume"))
+    assert len(comparable(killed / "metrics.jsonl")) == 3 and not (killed / "final").exists()
+    train.main(cli(pair_and_prompts, tmp_path, "killed", "--save-every", "1", "--resume"))
 
     assert draws["killed"] == draws["straight"] and len(set(draws["straight"])) == 4
     straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
