@@ -1,5 +1,6 @@
 """tip.py: loading the pair T, S_θ and the prompts x of §3, with the checks that keep Eqs. 1–3 well defined."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -240,6 +241,22 @@ def test_prompt_flags_on_the_command_line():
     config = tip.config_from_args(args)
     assert (config.prompts, config.prompt_subset, config.prompt_field, config.answer_field,
             config.math_instruction) == ("open-r1/DAPO-Math-17k-Processed", "en", "prompt", "solution", False)
+
+
+@pytest.mark.parametrize("models,preset", [
+    ([], "toy"), (["--teacher", "T"], "paper"), (["--student", "S"], "paper"),
+    (["--teacher", "T", "--student", "S"], "paper"), (["--preset", "toy", "--teacher", "T"], "toy"),
+    (["--preset", "paper"], "paper")])
+def test_the_preset_follows_the_models_given_and_every_typed_flag_wins(models, preset):
+    """No model named: the toy preset; either model named: the paper's defaults; --preset decides when given. A
+    flag typed on the command line wins over the preset, also when its value is 0 or false."""
+    typed = ["--steps", "7", "--save-every", "0", "--ratio", "0", "--no-gradient-checkpointing", "--lr", "0.5"]
+    config = tip.config_from_args(tip.build_parser().parse_args([*models, *typed]))
+    named = {"teacher": "T"} if "T" in models else {}
+    named |= {"student": "S"} if "S" in models else {}
+    typed_values = dict(steps=7, save_every=0, ratio=0.0, gradient_checkpointing=False, lr=0.5)
+    expected = dataclasses.replace(tip.Config(), **{**tip.PRESETS[preset], **named, **typed_values})
+    assert config == expected
 
 
 def test_a_script_config_declares_its_flags_with_tip_arg(capsys):

@@ -15,7 +15,7 @@ import score
 import tip
 import train
 from conftest import ROOT
-from train_worker import config, make_batch, make_pair, one_step
+from train_worker import config, make_batch, make_pair, one_step, tokenizer
 
 SEL = tip.load_select()
 
@@ -248,6 +248,30 @@ def test_rollout_shares_cover_the_step_once_and_differ_by_at_most_one(world_size
         shares.append(data.rollout_share(3, 10, c))
     assert [i for share in shares for i in share] == [i for i in data.step_prompts(3, 10, c) for _ in range(8)]
     assert max(map(len, shares)) - min(map(len, shares)) <= 1 and min(map(len, shares)) >= 1
+
+
+def test_ranks_and_steps_sample_differently(monkeypatch):
+    """Rollouts are drawn independently: two ranks holding the same prompt, or one rank at two steps, sample
+    different responses (identical draws would train on copies of one sample)."""
+    _, student = make_pair()
+    prompts = [{"prompt": data.format_prompt(tokenizer(), "1+2=")}]
+    c = config(prompts_per_step=1, rollouts_per_prompt=4, max_response_len=12, temperature=1.0, seed=5)
+    monkeypatch.setattr(tip, "world_size", lambda: 2)
+    texts = {}
+    for step in (0, 1):
+        for r in (0, 1):
+            monkeypatch.setattr(tip, "rank", lambda r=r: r)
+            mine, rollouts = train.sample_rollouts(step, student, tokenizer(), prompts, c, torch.device("cpu"))
+            assert len(mine) == 2
+            texts[step, r] = rollouts.texts
+    assert len({text for batch in texts.values() for text in batch}) == 8, texts
+    seeds = set()
+    for step in range(50):
+        for r in range(4):
+            monkeypatch.setattr(tip, "world_size", lambda: 4)
+            monkeypatch.setattr(tip, "rank", lambda r=r: r)
+            seeds.add(train.sampling_seed(step, c))
+    assert len(seeds) == 200
 
 
 def torchrun(nproc: int, *args, timeout=300):
