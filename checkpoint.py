@@ -51,7 +51,8 @@ def resume_from(checkpoint: Path, student, optimizer) -> int:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    # weights_only: tensors and plain containers only, so a run folder from elsewhere cannot run code here
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     weights = {}
     for file in sorted((checkpoint / "model").glob("*.safetensors")):
         weights.update(load_file(file))

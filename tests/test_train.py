@@ -524,3 +524,31 @@ def test_gradient_norm_and_clip_are_torchs(max_norm):
     for (name, p), q in zip(student.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, msg=name)
     assert (max_norm == 1e-3) == (sum(p.grad.pow(2).sum() for p in student.parameters()).sqrt() < 2e-3)
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling this calls os.system
+        return os.system, ("touch ran-code",)
+
+
+def test_a_checkpoint_is_read_back_by_transformers_and_runs_no_code(pair_and_prompts, tmp_path, monkeypatch):
+    """A checkpoint's model folder is a plain from_pretrained folder with the trained weights; resuming reads
+    tensors and plain containers only: a state.pt that would run code when unpickled is refused."""
+    import pickle
+
+    import checkpoint
+    from transformers import AutoModelForCausalLM
+    train.main(cli(pair_and_prompts, tmp_path, "run", "--steps", "1"))
+    saved = checkpoint.newest_checkpoint(tmp_path / "run")
+    student = AutoModelForCausalLM.from_pretrained(saved / "model")
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    for (name, a), b in zip(student.state_dict().items(), final.state_dict().values()):
+        assert torch.equal(a, b), name
+    optimizer = torch.optim.AdamW(student.parameters())
+    assert checkpoint.resume_from(saved, student, optimizer) == 1 and optimizer.state
+    state = torch.load(saved / "state.pt", weights_only=True)
+    torch.save({**state, "payload": _RunsCode()}, saved / "state.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.resume_from(saved, student, optimizer)
+    assert not (tmp_path / "ran-code").exists()
