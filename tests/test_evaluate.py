@@ -74,6 +74,9 @@ GRADER_CASES = [
     ("\\boxed{12 \\text{ dollars}}", "12", True),
     ("\\boxed{90^\\circ}", "90", True),
     ("\\boxed{\\$5}", "5", True),
+    # math-verify's verify(gold, prediction) is not symmetric: an interval answers an inequality, not the reverse
+    ("\\boxed{(-\\infty,2)}", "x<2", True),
+    ("\\boxed{x<2}", "(-\\infty,2)", False),
 ]
 
 
