@@ -454,6 +454,25 @@ def test_taxonomy_matches_full_logits_in_float64(tiny_pair):
     torch.testing.assert_close(points["d"].double(), reverse_kl, atol=1e-5, rtol=1e-4)
     assert report["summary"]["tokens"] == int(rollouts.response_mask.sum())
 
+    # the printed Q3 examples are the highest-δ confident tokens, each with its own token, context and p's
+    tokens = rollouts.input_ids[:, 1:][rollouts.response_mask[:, 1:]]
+    rows, positions = rollouts.response_mask[:, 1:].nonzero().unbind(1)
+    h, summary = entropy / math.log(len(tokenizer)), report["summary"]
+    q3 = ((h <= summary["h_split"]) & (reverse_kl > summary["d_split"])).nonzero().squeeze(1)
+    expected = q3[reverse_kl[q3].argsort(descending=True)][:len(report["q3_examples"])]
+    assert len(report["q3_examples"]) == min(8, len(q3)) > 0
+    for example, i in zip(report["q3_examples"], expected.tolist()):
+        assert example["reverse_kl"] == pytest.approx(reverse_kl[i].item(), rel=1e-4, abs=1e-6)
+        assert example["h"] == pytest.approx(h[i].item(), rel=1e-4, abs=1e-6)
+        assert example["token"] == tokenizer.decode([int(tokens[i])])
+        assert example["student_p"] == pytest.approx(log_s[i, tokens[i]].exp().item(), rel=1e-4)
+        assert example["teacher_p"] == pytest.approx(log_t[i, tokens[i]].exp().item(), rel=1e-4)
+        assert example["teacher_top"] == tokenizer.decode([int(log_t[i].argmax())])
+        row, position = int(rows[i]), int(positions[i]) + 1
+        context = rollouts.input_ids[row, max(0, position - 16):position]
+        kept = rollouts.attention_mask[row, max(0, position - 16):position].bool()
+        assert example["context"] == tokenizer.decode(context[kept].tolist(), skip_special_tokens=True)
+
 
 def test_taxonomy_student_equals_teacher_gives_zero_divergence(tiny_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
