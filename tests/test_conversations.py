@@ -39,18 +39,21 @@ SCRIPTS = {  # task -> the text of each assistant turn it samples
     2: ["42"],                                                         # answers at once
     3: [CALL_A, CALL_A, CALL_A, CALL_A],                               # would call forever
     4: ['<tool_call>{"name": "lookup", "arguments": {"name": "Z"}}</tool_call>', "?"],  # the tool raises
-}
+    5: ['<tool_call>{"name": "lookup", "arguments": {"name": "Z"}}</tool_call>', CALL_A, "done"],  # a long error,
+}                                                                  # then a long turn on less room than the others
 
 
 def scripted_sampler(tokenizer):
-    """Stands in for rollout.sample_tokens: each context gets the next scripted turn of its task, EOS-ended."""
+    """Stands in for rollout.sample_tokens: each context gets the next scripted turn of its task, EOS-ended, cut
+    at `room` tokens as sampling would be."""
     def sample(model, tok, contexts, n, room, *args, **kwargs):
         out = []
         for ids in contexts:
             text = tokenizer.decode(ids)
             task = int(text.split("task ")[1][0])
             turn = text.count("<|im_start|>assistant") - 1
-            out.append(tokenizer(SCRIPTS[task][turn], add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+            out.append((tokenizer(SCRIPTS[task][turn], add_special_tokens=False).input_ids
+                        + [tokenizer.eos_token_id])[:room])
         return out
     return sample
 
@@ -116,6 +119,23 @@ def test_the_token_limit_cuts_and_counts_tool_results(monkeypatch):
             assert after_prompt == call and batch.conversations[0][-1]["role"] == "tool"
         else:
             assert after_prompt == limit and int(batch.response_mask[0].sum()) == call + 3
+
+
+def test_each_row_keeps_its_own_budget_in_a_batch(monkeypatch):
+    """Rows of one batch spend their token budgets differently (calls and results of other lengths, answers at
+    once): under every limit, each row is exactly the conversation its task has when sampled alone."""
+    tokenizer = tokenizer_with_tools()
+    model = tiny_causal_lm(tokenizer, 16, layers=1)
+    monkeypatch.setattr(rollout, "sample_tokens", scripted_sampler(tokenizer))
+    for limit, order in ((limit, order) for limit in range(4, 160, 9) for order in (1, -1)):
+        batch = rollout.generate_conversations(model, tokenizer, tasks()[::order], 1, limit, max_turns=4)
+        for b, task in enumerate(tasks()[::order]):
+            alone = rollout.generate_conversations(model, tokenizer, [task], 1, limit, max_turns=4)
+            row, single = batch.attention_mask[b].bool(), alone.attention_mask[0].bool()
+            assert batch.input_ids[b][row].tolist() == alone.input_ids[0][single].tolist(), (limit, b)
+            assert batch.response_mask[b][row].tolist() == alone.response_mask[0][single].tolist(), (limit, b)
+            assert batch.conversations[b] == alone.conversations[0], (limit, b)
+            assert int(row.sum() - batch.prompt_lengths[b]) <= limit
 
 
 def test_tool_calls_are_parsed_robustly():
