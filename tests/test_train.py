@@ -416,12 +416,16 @@ def test_ten_skipped_steps_in_a_row_save_and_stop(pair_and_prompts, tmp_path, mo
     assert all(line["skipped"] for line in comparable(tmp_path / "nan" / "metrics.jsonl"))
 
 
-def test_four_ranks_two_prompts_and_a_nan_on_one_rank(pair_and_prompts, tmp_path):
+def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_and_prompts, tmp_path):
     """4 processes share 2 prompts × 4 rollouts; rank 1's scores are NaN at step 1 only. Every rank skips step 1
-    (the weights do not move), nobody hangs, and step 2 trains."""
-    args = cli(pair_and_prompts, tmp_path, "ranks", "--steps", "2", "--rollouts-per-prompt", "4", "--save-every", "1")
+    (the weights do not move), nobody hangs, and step 2 trains. SIGTERM reaches rank 2 alone during step 2 of 3:
+    every rank stops after step 2, with its checkpoint, and the run exits cleanly."""
+    args = cli(pair_and_prompts, tmp_path, "ranks", "--steps", "3", "--rollouts-per-prompt", "4", "--save-every", "1")
     result = torchrun(4, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "nan_on_rank_1", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "stopped after step 2" in result.stdout + result.stderr
+    assert sorted(p.name for p in (tmp_path / "ranks").glob("checkpoint-*")) == [
+        "checkpoint-000001", "checkpoint-000002"] and not (tmp_path / "ranks" / "final").exists()
     first, second = comparable(tmp_path / "ranks" / "metrics.jsonl")
     assert first["skipped"].endswith("non-finite token scores") and not second["skipped"]
     assert second["kept_tokens"] > 0 and second["response_tokens"] <= 2 * 4 * 6

@@ -9,6 +9,8 @@ evaluate.held_out_accuracy with a stand-in grader (a problem is right when its a
 so the accuracy of the whole set is known; saves it.
 """
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -98,8 +100,16 @@ def worker() -> None:
         return
     out_dir, mode = Path(sys.argv[1]), sys.argv[2]
     tip.init_distributed()
-    if mode == "nan_on_rank_1":  # train.main on the rest of the command line; rank 1's first scores are NaN
-        real_stats, calls = train.score.chunked_token_stats, []
+    if mode == "nan_on_rank_1":  # train.main on the rest of the command line; rank 1's first scores are NaN,
+        real_stats, calls = train.score.chunked_token_stats, []  # and SIGTERM reaches rank 2 alone during step 2
+        real_step = train.train_step
+
+        def terminated_in_step_2(*args, **kwargs):
+            if args[5] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(*args, **kwargs)
+        if tip.rank() == 2:
+            train.train_step = terminated_in_step_2
 
         def nan_once(*args, **kwargs):
             stats = real_stats(*args, **kwargs)
