@@ -184,3 +184,10 @@ def test_the_readme_main_job_and_toy_evaluation_run_shortened(tmp_path, monkeypa
     report = json.loads((tmp_path / "eval.json").read_text())
     assert len(report["problems"]) == 2 and report["summary"]["model"] == "toy-student"
     assert report["summary"]["accuracy"] == sum(p["correct"][0] for p in report["problems"]) / 2
+    # the README's evaluation of a trained run, on the folder this run wrote
+    trained = next(argv[2:] for where, argv in documented_commands() if where == "README.md"
+                   and argv[:2] == ["python", "evaluate.py"] and argv[3].endswith("/final") and "toy" in argv)
+    trained[trained.index("--model") + 1] = str(run / "final")
+    evaluate.main([*trained, "--world-dir", str(tmp_path), "--problems", "2", "--samples", "1",
+                   "--out", str(tmp_path / "trained.json")])
+    assert json.loads((tmp_path / "trained.json").read_text())["summary"]["model"] == str(run / "final")
