@@ -1,6 +1,7 @@
 """train.py: the masked OPD step (Eqs. 1, 9) against plain formulas, its two passes, ranks, FSDP2, resume, CLI."""
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -414,6 +415,24 @@ def test_ten_skipped_steps_in_a_row_save_and_stop(pair_and_prompts, tmp_path, mo
     assert "--resume --run-name nan" in str(stopped.value)
     assert [p.name for p in (tmp_path / "nan").glob("checkpoint-*")] == ["checkpoint-000010"]
     assert all(line["skipped"] for line in comparable(tmp_path / "nan" / "metrics.jsonl"))
+
+
+def test_the_skip_counter_restarts_after_a_step_that_trains(pair_and_prompts, tmp_path, monkeypatch):
+    """Nine skipped steps, one that trains, nine more skipped: never ten in a row, so the run finishes."""
+    real_stats, real_step, step_now = train.score.chunked_token_stats, train.train_step, []
+
+    def step_recorded(*args, **kwargs):
+        step_now[:] = [args[5]]
+        return real_step(*args, **kwargs)
+
+    def infinite_unless_every_tenth(*args, **kwargs):
+        stats = real_stats(*args, **kwargs)
+        return stats if step_now[0] % 10 == 9 else stats._replace(entropy=torch.full_like(stats.entropy, math.inf))
+    monkeypatch.setattr(train, "train_step", step_recorded)
+    monkeypatch.setattr(train.score, "chunked_token_stats", infinite_unless_every_tenth)
+    train.main(cli(pair_and_prompts, tmp_path, "gaps", "--steps", "20", "--max-response-len", "2"))
+    skipped = [bool(line["skipped"]) for line in comparable(tmp_path / "gaps" / "metrics.jsonl")]
+    assert skipped == ([True] * 9 + [False]) * 2 and (tmp_path / "gaps" / "final").exists()
 
 
 def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_and_prompts, tmp_path):
