@@ -243,11 +243,24 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded(module_or_parameter) -> bool:
-    """FSDP2 or not, decided here once: a parameter is sharded when it is a DTensor (it has `to_local`), a model
-    when any of its parameters is."""
+    """FSDP2 or not, decided here once and by type: a model is sharded when fully_shard wrapped any of its
+    modules (between a forward and its reshard, its parameters are whole plain tensors, so they cannot tell), a
+    parameter when it is a DTensor (it has `to_local`)."""
     if isinstance(module_or_parameter, torch.nn.Module):
-        return any(is_sharded(p) for p in module_or_parameter.parameters())
+        from torch.distributed.fsdp import FSDPModule
+        return any(isinstance(m, FSDPModule) for m in module_or_parameter.modules())
     return hasattr(module_or_parameter, "to_local")
+
+
+def reshard(model) -> None:
+    """Return every FSDP2 unit of `model` to its shards. Each decoder layer is its own FSDP root, and a root
+    stays gathered after its forward until a backward reshards it: the teacher (no backward ever), a scoring
+    pass without grad and a skipped step would otherwise keep whole weights on every rank. Local: no
+    collective; a no-op for units already sharded and for models without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def shard_with_fsdp(model) -> None:

@@ -87,10 +87,13 @@ def score_rollouts(student, teacher, batch: Rollouts, config: tip.Config, keep_g
         rows = slice(start, start + config.micro_batch_size)
         with torch.no_grad():
             teacher_rows.append(pair.response_hidden_states(teacher, batch, rows))
+        tip.reshard(teacher)  # FSDP2: the teacher never runs backward, which would reshard it
         with tip.autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
             hidden = pair.response_hidden_states(student, batch, rows)
             parts.append(score.chunked_token_stats(hidden.detach(), student_head, teacher_rows[-1], teacher_head,
                                                    config.chunk_size))
+        if not keep_graph:
+            tip.reshard(student)  # FSDP2: gathered again in pass 2, not held whole in between
         student_rows.append(hidden if keep_graph else None)
     stats = score.TokenStats(*(response_mask.new_zeros(response_mask.shape, dtype=torch.float32)
                                .masked_scatter(response_mask, torch.cat(column).to(device))
@@ -219,6 +222,7 @@ def train_step(student, teacher, rollouts: Rollouts, optimizer, config: tip.Conf
         else:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    tip.reshard(student)  # FSDP2: a skipped step ran forwards without the backward that reshards
     return dict(lr=lr, **metrics, grad_norm=grad_norm)
 
 

@@ -435,11 +435,14 @@ def test_the_skip_counter_restarts_after_a_step_that_trains(pair_and_prompts, tm
     assert skipped == ([True] * 9 + [False]) * 2 and (tmp_path / "gaps" / "final").exists()
 
 
-def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_and_prompts, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_and_prompts, tmp_path, sharding):
     """4 processes share 2 prompts × 4 rollouts; rank 1's scores are NaN at step 1 only. Every rank skips step 1
     (the weights do not move), nobody hangs, and step 2 trains. SIGTERM reaches rank 2 alone during step 2 of 3:
-    every rank stops after step 2, with its checkpoint, and the run exits cleanly."""
-    args = cli(pair_and_prompts, tmp_path, "ranks", "--steps", "3", "--rollouts-per-prompt", "4", "--save-every", "1")
+    every rank stops after step 2, with its checkpoint, and the run exits cleanly. Under FSDP2 the skipped step
+    (forwards without a backward) is followed by a checkpoint, and the run then resumes on 2 processes."""
+    args = cli(pair_and_prompts, tmp_path, "ranks", "--steps", "3", "--rollouts-per-prompt", "4", "--save-every", "1",
+               *sharding)
     result = torchrun(4, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "nan_on_rank_1", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "stopped after step 2" in result.stdout + result.stderr
@@ -453,6 +456,12 @@ def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_
     after = [load_file(tmp_path / "ranks" / f"checkpoint-00000{s}" / "model" / "model.safetensors") for s in (1, 2)]
     assert all(torch.equal(after[0][name], start[name]) for name in start)
     assert not all(torch.equal(after[1][name], start[name]) for name in start)
+    if sharding:
+        resumed = torchrun(2, str(ROOT / "train.py"), *args, "--resume")
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert [line["step"] for line in comparable(tmp_path / "ranks" / "metrics.jsonl")] == [1, 2, 3]
+        final = load_file(tmp_path / "ranks" / "final" / "model.safetensors")
+        assert final.keys() == start.keys() and not all(torch.equal(final[n], after[1][n]) for n in start)
 
 
 def test_bad_flags_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
