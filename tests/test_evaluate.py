@@ -175,6 +175,36 @@ def test_a_generator_returning_the_wrong_count_is_refused():
         evaluate.run_benchmark(PROBLEMS[:1], ["Q-zero"], lambda prompts, n: ["x"] * 3, samples=4, show_progress=False)
 
 
+def test_each_call_of_a_generator_draws_anew_and_the_seed_replays_them(monkeypatch):
+    """mean@k is over independent samples: run_benchmark calls the generator once per batch of problems, and
+    each call (transformers, the engine, conversations) samples with a seed of its own; the same seed replays
+    the same calls."""
+    from conftest import char_tokenizer, tiny_causal_lm
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(tokenizer, 32, seed=4)
+    prompt = [data.format_prompt(tokenizer, "1+2=")]
+    replay = [evaluate.model_generator(model, tokenizer, 12, 1.0, 1.0, seed=9, batch_size=None) for _ in range(2)]
+    first, again = ([generate(prompt, 2) for _ in range(3)] for generate in replay)
+    assert first == again and len({text for texts in first for text in texts}) == 6, first
+    seeds = {"engine": [], "conversations": []}
+
+    class Engine:
+        def generate(self, prompts, n, *args, seed=None):
+            seeds["engine"].append(seed)
+            return types.SimpleNamespace(texts=["x"] * (len(prompts) * n))
+
+    def conversations(model, tokenizer, tasks, n, max_new_tokens, max_turns, temperature, top_p, seed, *rest):
+        seeds["conversations"].append(seed)
+        return types.SimpleNamespace(conversations=[[{"role": "assistant", "content": "x"}]] * (len(tasks) * n))
+    import rollout
+    monkeypatch.setattr(rollout, "generate_conversations", conversations)
+    for generate in (evaluate.model_generator(model, tokenizer, 4, 1.0, 1.0, 9, None, engine=Engine()),
+                     evaluate.model_generator(model, tokenizer, 4, 1.0, 1.0, 9, None, tasks={"p": "task"})):
+        for _ in range(3):
+            generate(["p"], 2)
+    assert all(len(set(drawn)) == 3 for drawn in seeds.values()), seeds
+
+
 def _table_row(text):
     lines = [line for line in text.splitlines() if line.startswith("|")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]

@@ -87,6 +87,18 @@ def test_report_and_a_run_on_the_agent_world(tmp_path, monkeypatch):
     assert "mistakes" in report["student"]
     calls, real = [], world_measures.generate_conversations
     monkeypatch.setattr(world_measures, "generate_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert study.main(common + ["--settings", "q3:0.5", "--seeds", "1", "--steps", "2", "--in-process"]) == 0
+    monkeypatch.setattr(study.shutil, "rmtree", lambda *a, **k: None)  # keep the run's metrics.jsonl to check
+    assert study.main(common + ["--settings", "all:1", "--seeds", "1", "--steps", "3", "--in-process"]) == 0
     (run,) = json.loads((tmp_path / "out" / "study.json").read_text())["runs"]
-    assert run["steps"] == 2 and set(run["accuracy"]) == {"test", "trigger", "clean"} and calls
+    assert run["steps"] == 3 and set(run["accuracy"]) == {"test", "trigger", "clean"} and calls
+    # the run's numbers, from the metrics.jsonl it wrote, by their plain definitions
+    rows = [json.loads(line) for line in (tmp_path / "work" / "all-1-reverse_kl-s0" / "metrics.jsonl")
+            .read_text().splitlines()]
+    total = lambda field: sum(r.get(field) or 0 for r in rows)  # noqa: E731
+    assert total("mistake_tokens") > 0 and total("kept_tokens") > total("mistake_kept") > 0
+    assert run["kept_tokens"] == total("kept_tokens") and run["mistake_tokens"] == total("mistake_tokens")
+    assert run["kept_fraction"] == pytest.approx(total("kept_tokens") / total("response_tokens"))
+    assert run["mistake_kept_share"] == pytest.approx(total("mistake_kept") / total("mistake_tokens"))
+    assert run["kept_that_are_mistakes"] == pytest.approx(total("mistake_kept") / total("kept_tokens"))
+    assert run["skipped_steps"] == sum(bool(r["skipped"]) for r in rows)
+    assert run["peak_memory_gb"] == max(r["peak_memory_gb"] for r in rows)
