@@ -484,11 +484,17 @@ def test_taxonomy_matches_full_logits_in_float64(tiny_pair):
     torch.testing.assert_close(points["d"].double(), reverse_kl, atol=1e-5, rtol=1e-4)
     assert report["summary"]["tokens"] == int(rollouts.response_mask.sum())
 
+    # the median splits and the quadrant counts, from the plain h and δ (torch.quantile: its own median)
+    h, summary = entropy / math.log(len(tokenizer)), report["summary"]
+    assert summary["h_split"] == pytest.approx(torch.quantile(h, 0.5).item(), rel=1e-4)
+    assert summary["d_split"] == pytest.approx(torch.quantile(reverse_kl, 0.5).item(), rel=1e-4)
+    high_h, high_d = h > summary["h_split"], reverse_kl > summary["d_split"]
+    plain = [high_h & high_d, high_h & ~high_d, ~high_h & high_d, ~high_h & ~high_d]
+    assert [q["tokens"] for q in report["quadrants"]] == [int(m.sum()) for m in plain]
     # the printed Q3 examples are the highest-δ confident tokens, each with its own token, context and p's
     tokens = rollouts.input_ids[:, 1:][rollouts.response_mask[:, 1:]]
     rows, positions = rollouts.response_mask[:, 1:].nonzero().unbind(1)
-    h, summary = entropy / math.log(len(tokenizer)), report["summary"]
-    q3 = ((h <= summary["h_split"]) & (reverse_kl > summary["d_split"])).nonzero().squeeze(1)
+    q3 = plain[2].nonzero().squeeze(1)
     expected = q3[reverse_kl[q3].argsort(descending=True)][:len(report["q3_examples"])]
     assert len(report["q3_examples"]) == min(8, len(q3)) > 0
     for example, i in zip(report["q3_examples"], expected.tolist()):

@@ -305,6 +305,17 @@ def test_ranks_match_one_process(tmp_path, mode, nproc):
         assert other["metrics"]["loss"] == pytest.approx(reference_metrics["loss"], rel=1e-5)
 
 
+def test_each_rank_resumes_its_own_random_state(tmp_path):
+    """Two ranks with different random states save a checkpoint and resume from it: each draws after the resume
+    what it drew after the save (its own state, not rank 0's)."""
+    result = torchrun(2, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "rng")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    draws = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank in draws:
+        assert torch.equal(rank["after_save"], rank["after_resume"])
+    assert not torch.equal(draws[0]["after_save"], draws[1]["after_save"])
+
+
 def test_held_out_accuracy_over_ranks_is_that_of_the_whole_set(tmp_path):
     result = torchrun(3, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "held_out")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

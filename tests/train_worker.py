@@ -3,6 +3,7 @@
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR ddp|fsdp|conversations|held_out
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR nan_on_rank_1 TRAIN_ARGS...
 
+rng: each rank's random state through save_checkpoint and resume_from; saves its draws after each.
 ddp / fsdp / conversations: one TIP step on this rank's contiguous share of a fixed batch (conversations: with
 tool results inside the responses); saves the weight update and the metrics. held_out:
 evaluate.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
@@ -119,7 +120,16 @@ def worker() -> None:
             train.score.chunked_token_stats = nan_once
         train.main(sys.argv[3:])  # it ends the process group itself
         return
-    if mode == "held_out":
+    if mode == "rng":  # each rank's random state, saved with a checkpoint and restored by the resume
+        _, student = make_pair()
+        optimizer = torch.optim.AdamW(student.parameters())
+        torch.manual_seed(100 + tip.rank())
+        checkpoint.save_checkpoint(out_dir, 1, student, tokenizer(), optimizer)
+        after_save = torch.rand(4)
+        torch.manual_seed(0)  # what a fresh process would start from
+        checkpoint.resume_from(checkpoint.newest_checkpoint(out_dir), student, optimizer)
+        torch.save(dict(after_save=after_save, after_resume=torch.rand(4)), out_dir / f"rank{tip.rank()}.pt")
+    elif mode == "held_out":
         grade.is_correct = lambda text, answer: answer == "1"  # a verdict that does not depend on the sample
         _, student = make_pair()
         problems = [{"prompt": data.format_prompt(tokenizer(), f"{a}+{b}="), "answer": str((a * b) % 3)}
