@@ -305,6 +305,18 @@ def test_ranks_match_one_process(tmp_path, mode, nproc):
         assert other["metrics"]["loss"] == pytest.approx(reference_metrics["loss"], rel=1e-5)
 
 
+def test_fsdp_layers_are_back_in_their_shards_after_every_step(tmp_path):
+    """Under FSDP2 no decoder-layer parameter of the student or the teacher stays a whole tensor after a step:
+    skipped (forwards without the backward that reshards) or trained, in one pass or two, nor between the scoring
+    pass and the training pass, on 2 processes."""
+    result = torchrun(2, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "reshard")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [skipped for skipped, *_ in steps] == [True, True, False, False, True, True, False]
+        assert all(student and teacher for _, student, teacher in steps), steps
+
+
 def test_each_rank_resumes_its_own_random_state(tmp_path):
     """Two ranks with different random states save a checkpoint and resume from it: each draws after the resume
     what it drew after the save (its own state, not rank 0's)."""

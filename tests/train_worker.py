@@ -4,6 +4,8 @@
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR nan_on_rank_1 TRAIN_ARGS...
 
 rng: each rank's random state through save_checkpoint and resume_from; saves its draws after each.
+reshard: FSDP2 steps, skipped and trained, in one and two passes, and a scoring pass alone; saves whether every
+layer is sharded after each.
 ddp / fsdp / conversations: one TIP step on this rank's contiguous share of a fixed batch (conversations: with
 tool results inside the responses); saves the weight update and the metrics. held_out:
 evaluate.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
@@ -129,6 +131,24 @@ def worker() -> None:
         torch.manual_seed(0)  # what a fresh process would start from
         checkpoint.resume_from(checkpoint.newest_checkpoint(out_dir), student, optimizer)
         torch.save(dict(after_save=after_save, after_resume=torch.rand(4)), out_dir / f"rank{tip.rank()}.pt")
+    elif mode == "reshard":  # after a skipped step and after a trained one, every layer is back in its shards
+        teacher, student = make_pair()
+        tip.shard_with_fsdp(student)
+        tip.shard_with_fsdp(teacher)
+        optimizer = torch.optim.SGD(student.parameters())
+        batch, real_stats, sharded = rank_share(make_batch(8)), train.score.chunked_token_stats, []
+        for skipped in (True, False, True):
+            train.score.chunked_token_stats = lambda *a, **k: (lambda s: s._replace(
+                reverse_kl=s.reverse_kl * float("nan")) if skipped else s)(real_stats(*a, **k))
+            for micro_batch_size in (1, 8):  # two passes, and one forward kept for the loss
+                metrics = train.train_step(student, teacher, batch, optimizer,
+                                           config(micro_batch_size=micro_batch_size), 0, None)
+                sharded.append([bool(metrics["skipped"])] + [all(tip.is_sharded(p) for p in model.model.layers
+                                                                 .parameters()) for model in (student, teacher)])
+        train.score_rollouts(student, teacher, batch, config(micro_batch_size=1), keep_graph=False)  # pass 1 alone
+        sharded.append([False] + [all(tip.is_sharded(p) for p in model.model.layers.parameters())
+                                  for model in (student, teacher)])
+        (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(sharded))
     elif mode == "held_out":
         grade.is_correct = lambda text, answer: answer == "1"  # a verdict that does not depend on the sample
         _, student = make_pair()
