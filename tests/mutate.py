@@ -163,6 +163,8 @@ MUTANTS = [
     Mutant("a skipped FSDP2 step leaves the student gathered", "train.py",
            "    tip.reshard(student)  # FSDP2: a skipped step", "    pass  # FSDP2: a skipped step",
            ("tests/test_train.py", "-k", "back_in_their_shards")),
+    Mutant("the study's std over seeds is the population's", "benchmarks/study.py", "statistics.stdev(values)",
+           "statistics.pstdev(values)", ("tests/test_study.py", "-k", "sample_std")),
     Mutant("the FSDP2 teacher stays gathered after its forward", "train.py",
            "        tip.reshard(teacher)  # FSDP2", "        pass  # FSDP2", ("tests/test_train.py", "-k", "back_in_their_shards")),
 ]

@@ -1,6 +1,7 @@
 """The study's machinery (benchmarks/study.py) on a miniature toy world: two settings x one seed x two steps,
 in run processes and in-process; its table, JSON, plot and resuming. Not the accuracies."""
 import json
+from dataclasses import asdict
 import shutil
 
 import pytest
@@ -36,6 +37,31 @@ def test_tracking_windows_weight_quadrants_by_mistake_tokens():
     assert first["mistake_q3_share"] == 0.75 and first["mistake_q1_share"] == 0.25
     assert first["kept_fraction"] == pytest.approx(0.4) and first["mistake_tokens_per_step"] == 2
     assert second["steps"] == [3, 3] and second["kept_fraction"] is None  # a skipped step is no data
+
+
+def test_each_row_is_the_mean_and_sample_std_of_its_own_seeds():
+    """The table's "mean ± std over seeds": each setting's own runs only, each split's accuracy under its own
+    name, the standard deviation with the n - 1 of a sample (torch.std's default)."""
+    import torch
+    settings = [study.parse_setting("all:1"), study.parse_setting("q3:0.5")]
+    runs = []
+    for i, (setting, seed) in enumerate((s, seed) for s in settings for seed in range(3)):
+        runs.append({"setting": asdict(setting), "seed": seed, "kept_fraction": 0.1 * i + 0.05 * seed ** 2,
+                     "accuracy": {"test": 0.5 + 0.1 * seed, "trigger": 0.2 * seed}, "held_out_reverse_kl": 1.0 + i,
+                     "mistake_kept_share": None, "kept_that_are_mistakes": 0.0, "peak_memory_gb": 1.0 + seed,
+                     "train_seconds": 60.0 * i, "measure_seconds": 30.0})
+    rows = study.summarize(runs[::-1], settings)
+    assert [row["name"] for row in rows] == [s.name for s in settings]
+    for row, setting in zip(rows, settings):
+        group = [r for r in runs if r["setting"] == asdict(setting)]
+        for key, values in {"kept_fraction": [r["kept_fraction"] for r in group],
+                            "accuracy_test": [r["accuracy"]["test"] for r in group],
+                            "accuracy_trigger": [r["accuracy"]["trigger"] for r in group],
+                            "minutes": [(r["train_seconds"] + r["measure_seconds"]) / 60 for r in group]}.items():
+            reference = torch.tensor(values, dtype=torch.float64)
+            assert row[key] == pytest.approx(reference.mean().item()), key
+            assert row[f"{key}_std"] == pytest.approx(reference.std().item()), key
+        assert row["mistake_kept_share"] is None and row["seeds"] == [0, 1, 2]
 
 
 def test_the_study_runs_writes_its_outputs_and_resumes(tmp_path, monkeypatch):
