@@ -1,8 +1,8 @@
 """The study's machinery (benchmarks/study.py) on a miniature toy world: two settings x one seed x two steps,
 in run processes and in-process; its table, JSON, plot and resuming. Not the accuracies."""
 import json
-from dataclasses import asdict
 import shutil
+from dataclasses import asdict
 
 import pytest
 
