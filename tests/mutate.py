@@ -165,6 +165,11 @@ MUTANTS = [
            ("tests/test_train.py", "-k", "back_in_their_shards")),
     Mutant("the study's std over seeds is the population's", "benchmarks/study.py", "statistics.stdev(values)",
            "statistics.pstdev(values)", ("tests/test_study.py", "-k", "sample_std")),
+    Mutant("a resume on fewer processes restores another layout's random state", "checkpoint.py",
+           'if len(state["rng"]) == tip.world_size():', 'if len(state["rng"]) >= tip.world_size():',
+           ("tests/test_train.py", "-k", "sigterm_on_another and fsdp")),
+    Mutant("sums over ranks in float32", "tip.py", "t = torch.tensor(values, dtype=torch.float64",
+           "t = torch.tensor(values, dtype=torch.float32", ("tests/test_tip.py", "-k", "float64")),
     Mutant("the FSDP2 teacher stays gathered after its forward", "train.py",
            "        tip.reshard(teacher)  # FSDP2", "        pass  # FSDP2", ("tests/test_train.py", "-k", "back_in_their_shards")),
 ]

@@ -259,6 +259,13 @@ def test_the_preset_follows_the_models_given_and_every_typed_flag_wins(models, p
     assert config == expected
 
 
+def test_reductions_keep_float64():
+    """Counts and sums over ranks (Eq. 9's kept count, the logged totals) stay exact past float32's 2^24."""
+    big = 2.0 ** 24 + 1
+    assert tip.all_reduce_sum([big, 1.0 + 1e-9, 3.0], "cpu") == [big, 1.0 + 1e-9, 3.0]
+    assert tip.all_reduce_max(big, "cpu") == big
+
+
 def test_a_script_config_declares_its_flags_with_tip_arg(capsys):
     """The one way every script declares flags: a dataclass of `tip.arg` fields, parsed by `tip.parse_flags`."""
     from dataclasses import dataclass

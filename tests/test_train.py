@@ -482,6 +482,8 @@ def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_
     if sharding:
         resumed = torchrun(2, str(ROOT / "train.py"), *args, "--resume")
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        # 4 saved random states do not map onto 2 processes: none is restored, and the log says so
+        assert "saved by 4 processes, not 2: the random state is not restored" in resumed.stdout
         assert [line["step"] for line in comparable(tmp_path / "ranks" / "metrics.jsonl")] == [1, 2, 3]
         final = load_file(tmp_path / "ranks" / "final" / "model.safetensors")
         assert final.keys() == start.keys() and not all(torch.equal(final[n], after[1][n]) for n in start)
