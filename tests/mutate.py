@@ -170,6 +170,9 @@ MUTANTS = [
            ("tests/test_train.py", "-k", "sigterm_on_another and fsdp")),
     Mutant("sums over ranks in float32", "tip.py", "t = torch.tensor(values, dtype=torch.float64",
            "t = torch.tensor(values, dtype=torch.float32", ("tests/test_tip.py", "-k", "float64")),
+    Mutant("a conversation is graded on its first assistant turn", "evaluate.py",
+           'for m in reversed(c) if m["role"] == "assistant"', 'for m in c if m["role"] == "assistant"',
+           ("tests/test_evaluate.py", "-k", "draws_anew")),
     Mutant("the FSDP2 teacher stays gathered after its forward", "train.py",
            "        tip.reshard(teacher)  # FSDP2", "        pass  # FSDP2", ("tests/test_train.py", "-k", "back_in_their_shards")),
 ]

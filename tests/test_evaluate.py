@@ -178,7 +178,7 @@ def test_a_generator_returning_the_wrong_count_is_refused():
 def test_each_call_of_a_generator_draws_anew_and_the_seed_replays_them(monkeypatch):
     """mean@k is over independent samples: run_benchmark calls the generator once per batch of problems, and
     each call (transformers, the engine, conversations) samples with a seed of its own; the same seed replays
-    the same calls."""
+    the same calls. A conversation's response is its last assistant turn."""
     from conftest import char_tokenizer, tiny_causal_lm
     tokenizer = char_tokenizer()
     model = tiny_causal_lm(tokenizer, 32, seed=4)
@@ -195,14 +195,16 @@ def test_each_call_of_a_generator_draws_anew_and_the_seed_replays_them(monkeypat
 
     def conversations(model, tokenizer, tasks, n, max_new_tokens, max_turns, temperature, top_p, seed, *rest):
         seeds["conversations"].append(seed)
-        return types.SimpleNamespace(conversations=[[{"role": "assistant", "content": "x"}]] * (len(tasks) * n))
+        turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a call"},
+                 {"role": "tool", "content": "7"}, {"role": "assistant", "content": "the answer"}]
+        return types.SimpleNamespace(conversations=[turns] * (len(tasks) * n))
     import rollout
     monkeypatch.setattr(rollout, "generate_conversations", conversations)
     for generate in (evaluate.model_generator(model, tokenizer, 4, 1.0, 1.0, 9, None, engine=Engine()),
                      evaluate.model_generator(model, tokenizer, 4, 1.0, 1.0, 9, None, tasks={"p": "task"})):
-        for _ in range(3):
-            generate(["p"], 2)
+        responses = [generate(["p"], 2) for _ in range(3)]
     assert all(len(set(drawn)) == 3 for drawn in seeds.values()), seeds
+    assert responses[0] == ["the answer"] * 2  # a conversation is graded on its last assistant turn
 
 
 def _table_row(text):
