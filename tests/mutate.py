@@ -173,6 +173,12 @@ MUTANTS = [
     Mutant("a conversation is graded on its first assistant turn", "evaluate.py",
            'for m in reversed(c) if m["role"] == "assistant"', 'for m in c if m["role"] == "assistant"',
            ("tests/test_evaluate.py", "-k", "draws_anew")),
+    Mutant("the sampled rules replay one seed every step", "train.py",
+           "generator = torch.Generator().manual_seed(sampling_seed(step, config))",
+           "generator = torch.Generator().manual_seed(config.seed)", ("tests/test_train.py", "-k", "draw_anew")),
+    Mutant("each rank acts on its own on-policy gap", "vllm_engine.py",
+           "gap = tip.all_reduce_max(float(gaps[worst]), self.device)", "gap = float(gaps[worst])",
+           ("tests/test_vllm.py", "-k", "another_rank")),
     Mutant("the FSDP2 teacher stays gathered after its forward", "train.py",
            "        tip.reshard(teacher)  # FSDP2", "        pass  # FSDP2", ("tests/test_train.py", "-k", "back_in_their_shards")),
 ]

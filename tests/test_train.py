@@ -440,6 +440,21 @@ def test_ten_skipped_steps_in_a_row_save_and_stop(pair_and_prompts, tmp_path, mo
     assert all(line["skipped"] for line in comparable(tmp_path / "nan" / "metrics.jsonl"))
 
 
+def test_the_sampled_rules_draw_anew_each_step(pair_and_prompts, tmp_path, monkeypatch):
+    """A sampled rule's draws (random, entropy) come from the step's own seed, the seed its rollouts are drawn
+    with, distinct per step and rank: never one stream replayed every step."""
+    seeds, real_step = [], train.train_step
+
+    def recording_step(*args, **kwargs):
+        seeds.append((args[5], args[6].initial_seed()))
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording_step)
+    train.main(cli(pair_and_prompts, tmp_path, "random", "--rule", "random", "--steps", "3"))
+    config = tip.Config(seed=3)
+    assert seeds == [(step, train.sampling_seed(step, config)) for step in range(3)]
+    assert len({seed for _, seed in seeds}) == 3
+
+
 def test_the_skip_counter_restarts_after_a_step_that_trains(pair_and_prompts, tmp_path, monkeypatch):
     """Nine skipped steps, one that trains, nine more skipped: never ten in a row, so the run finishes."""
     real_stats, real_step, step_now = train.score.chunked_token_stats, train.train_step, []

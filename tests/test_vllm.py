@@ -251,6 +251,17 @@ def test_the_on_policy_check_stops_an_engine_with_another_models_weights(tokeniz
 
 
 @requires_vllm
+def test_a_mismatch_on_another_rank_stops_this_one_too(engine, student, monkeypatch):
+    """Every rank acts on the largest gap over all ranks: a rank whose own engine matches still stops when
+    another rank's does not (else it would wait in the next collective for a rank that stopped)."""
+    assert engine.check_on_policy(student) < 1e-4
+    monkeypatch.setattr(tip, "all_reduce_max", lambda value, device: max(value, 3.0))  # another rank saw 3 nats
+    with pytest.raises(vllm_engine.OffPolicyError, match="by up to 3 nats"):
+        engine.check_on_policy(student)
+    assert engine.last_gap == 3.0
+
+
+@requires_vllm
 def test_the_check_catches_stale_weights_and_runs_every_n_syncs(engine, student, tokenizer, monkeypatch):
     """Weights that changed after the last sync fail the check (fp32 tolerance 0.05 nats); with check_every=2 the
     check runs at syncs 1, 3, 5 ... and the gap of an unchecked sync is None, not the last one's."""
