@@ -179,6 +179,10 @@ MUTANTS = [
     Mutant("each rank acts on its own on-policy gap", "vllm_engine.py",
            "gap = tip.all_reduce_max(float(gaps[worst]), self.device)", "gap = float(gaps[worst])",
            ("tests/test_vllm.py", "-k", "another_rank")),
+    Mutant("a caller that waited for the lock builds the world again", "tip.py",
+           "            return path  # built by another process while this one waited",
+           "            pass  # built by another process while this one waited",
+           ("tests/test_tip.py", "-k", "waited_for_the_build")),
     Mutant("the FSDP2 teacher stays gathered after its forward", "train.py",
            "        tip.reshard(teacher)  # FSDP2", "        pass  # FSDP2", ("tests/test_train.py", "-k", "back_in_their_shards")),
 ]

@@ -259,6 +259,34 @@ def test_the_preset_follows_the_models_given_and_every_typed_flag_wins(models, p
     assert config == expected
 
 
+def test_a_caller_that_waited_for_the_build_reuses_it(tmp_path, monkeypatch):
+    """Concurrent builders (torchrun ranks): one builds while the others wait on the lock; a waiter then finds
+    the finished folder and returns it, never building a second time."""
+    import fcntl
+    import threading
+    path, waiting, real_flock = tmp_path / "world", threading.Event(), fcntl.flock
+
+    def flock_noting_the_wait(handle, operation):
+        waiting.set()
+        return real_flock(handle, operation)
+
+    def second_build(tmp):
+        raise AssertionError("the world was built a second time")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as held:
+        real_flock(held, fcntl.LOCK_EX)  # the first builder
+        monkeypatch.setattr(tip.fcntl, "flock", flock_noting_the_wait)
+        result = []
+        waiter = threading.Thread(target=lambda: result.append(tip.build_once(path, second_build, log=lambda m: None)))
+        waiter.start()
+        assert waiting.wait(30)
+        path.mkdir()
+        (path / "world.json").write_text("{}")  # the first builder finishes
+        real_flock(held, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert result == [path]
+
+
 def test_reductions_keep_float64():
     """Counts and sums over ranks (Eq. 9's kept count, the logged totals) stay exact past float32's 2^24."""
     big = 2.0 ** 24 + 1
