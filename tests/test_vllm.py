@@ -162,6 +162,19 @@ def engine_logprob_gap(engine, model, encoded, seed) -> float:
     return worst
 
 
+def trained_copy(model, ids: list[int], steps: int = 3):
+    """A copy of `model` after `steps` SGD steps (lr 0.5) of language modelling on one sequence `ids`: weights the
+    engine does not hold until the next sync."""
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+    batch = torch.tensor([ids])
+    for _ in range(steps):
+        trained(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return trained
+
+
 @requires_vllm
 def test_sync_pushes_the_trained_weights(engine, student, tokenizer):
     """After optimizer steps on the transformers student, vLLM's log-probabilities of its own samples match the
@@ -170,13 +183,7 @@ def test_sync_pushes_the_trained_weights(engine, student, tokenizer):
     encoded = data.encode_prompts(tokenizer, [data.format_prompt(tokenizer, long + q) for q in QUESTIONS])
     assert min(map(len, encoded)) > 256  # two KV blocks at least
     assert engine_logprob_gap(engine, student, encoded, seed=1) < 1e-4
-    trained = copy.deepcopy(student).train()
-    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
-    batch = torch.tensor([encoded[0] + tokenizer("\\boxed{42}", add_special_tokens=False).input_ids])
-    for _ in range(3):
-        trained(batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    trained = trained_copy(student, encoded[0] + tokenizer("\\boxed{42}", add_special_tokens=False).input_ids)
     assert engine_logprob_gap(engine, trained, encoded, seed=1) > 0.05
     engine.sync(trained)
     assert engine_logprob_gap(engine, trained, encoded, seed=1) < 1e-4
@@ -218,13 +225,7 @@ def test_tied_heads_sample_as_generate_before_and_after_training(tokenizer, prom
     try:
         ours = engine.generate(prompts, n=1, max_new_tokens=30, temperature=0)
         assert torch.equal(hf.input_ids, ours.input_ids) and len(set(hf.texts)) > 1
-        trained = copy.deepcopy(model).train()
-        optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
-        batch = torch.tensor([data.encode_prompts(tokenizer, prompts[:1])[0] + [5, 6, 7]])
-        for _ in range(3):
-            trained(batch, labels=batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        trained = trained_copy(model, data.encode_prompts(tokenizer, prompts[:1])[0] + [5, 6, 7])
         encoded = data.encode_prompts(tokenizer, prompts)
         assert engine_logprob_gap(engine, trained, encoded, seed=1) > 0.05
         engine.sync(trained)
@@ -266,13 +267,7 @@ def test_the_check_catches_stale_weights_and_runs_every_n_syncs(engine, student,
     """Weights that changed after the last sync fail the check (fp32 tolerance 0.05 nats); with check_every=2 the
     check runs at syncs 1, 3, 5 ... and the gap of an unchecked sync is None, not the last one's."""
     assert engine.check_on_policy(student) < 1e-4
-    trained = copy.deepcopy(student).train()
-    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
-    batch = torch.tensor([data.encode_prompts(tokenizer, QUESTIONS[:1])[0] + [5, 6, 7]])
-    for _ in range(3):
-        trained(batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    trained = trained_copy(student, data.encode_prompts(tokenizer, QUESTIONS[:1])[0] + [5, 6, 7])
     with pytest.raises(vllm_engine.OffPolicyError):
         engine.check_on_policy(trained)
     checks = []
