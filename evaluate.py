@@ -288,7 +288,6 @@ def main(argv: list[str] | None = None) -> None:
             import deepplanning
             plans = deepplanning.deepplanning_tasks(args.data.split(":", 1)[1], "test")[:args.problems or None]
         problems = [] if planning else load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
-        import rollout
         if args.engine == "vllm":
             vllm_engine.require_vllm()  # before the model loads
         model, tokenizer = pair.load_model(worlds.model_path(args.model, args.world_dir), args.device, args.dtype)
