@@ -184,7 +184,8 @@ MUTANTS = [
            "            pass  # built by another process while this one waited",
            ("tests/test_tip.py", "-k", "waited_for_the_build")),
     Mutant("the FSDP2 teacher stays gathered after its forward", "train.py",
-           "        tip.reshard(teacher)  # FSDP2", "        pass  # FSDP2", ("tests/test_train.py", "-k", "back_in_their_shards")),
+           "        tip.reshard(teacher)  # FSDP2", "        pass  # FSDP2",
+           ("tests/test_train.py", "-k", "back_in_their_shards")),
 ]
 
 
