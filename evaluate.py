@@ -173,15 +173,20 @@ def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Conf
     """train.py's in-training mean@k on a built-in world's held-out problems (worlds.held_out_problems), at the
     rollout temperature; the ranks share the problems and the result."""
     mine = problems[tip.rank()::tip.world_size()]
+    # FSDP2: every rank must run as many generate calls: one each, a rank without problems sampling the first
+    # problem and not counting it
+    sharded = tip.is_distributed() and tip.is_sharded(student)
+    work = mine or (problems[:1] if sharded else [])
     correct = 0.0
-    if mine:
-        tasks = {p["prompt"]: p["task"] for p in mine if p.get("task") is not None} or None
+    if work:
+        tasks = {p["prompt"]: p["task"] for p in work if p.get("task") is not None} or None
         generate = model_generator(student, tokenizer, config.max_response_len, config.temperature,
                                    config.top_p, seed, None, None if tasks else engine, tasks,
                                    config.max_turns, data.template_switches(config))
+        per_call = len(work) if sharded else config.micro_batch_size
         with tip.autocast(next(student.parameters()).device):
-            summary, _ = run_benchmark(mine, [p["prompt"] for p in mine], generate, config.eval_samples,
-                                       config.micro_batch_size * config.eval_samples, show_progress=False)
+            summary, _ = run_benchmark(work, [p["prompt"] for p in work], generate, config.eval_samples,
+                                       per_call * config.eval_samples, show_progress=False)
         correct = summary["accuracy"] * len(mine)
     return tip.all_reduce_sum([correct], next(student.parameters()).device)[0] / max(1, len(problems))
 

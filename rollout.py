@@ -121,6 +121,12 @@ def sample_tokens(model, tokenizer, encoded: list[list[int]], n: int, max_new_to
     width = prompt_ids.shape[1]
     rows = prompt_ids.shape[0]
     batch_size = batch_size or rows
+    # FSDP2: every forward gathers each layer from all ranks, so every rank runs as many generate calls, each
+    # decoding until the longest row of any rank ends (transformers' synced_gpus); otherwise ranks hang
+    synced = tip.is_distributed() and tip.is_sharded(inner)
+    calls = -(-rows // batch_size)
+    if synced:
+        calls = int(tip.all_reduce_max(calls, device))
     # the paper's two knobs only (temperature, top-p; §7.1): the model's own defaults (Qwen3 ships top-k 20 and
     # temperature 0.6; transformers adds top-k 50) would change the distribution the student is trained on
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
@@ -140,13 +146,16 @@ def sample_tokens(model, tokenizer, encoded: list[list[int]], n: int, max_new_to
                 if forked:
                     with torch.cuda.device(device):
                         torch.cuda.manual_seed(seed)
-            for start in range(0, rows, batch_size):
+            for start in range(0, calls * batch_size, batch_size):
                 ids, mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
+                if start >= rows:  # this rank is done: a row sampled and dropped keeps its forwards in step
+                    ids, mask = prompt_ids[:1], prompt_mask[:1]
                 first = int(mask.any(0).long().argmax())  # columns that are padding in every row are cut
                 out = inner.generate(input_ids=ids[:, first:], attention_mask=mask[:, first:],
-                                     max_new_tokens=max_new_tokens, use_cache=True, **sampling)
-                responses.append(out[:, width - first:])
-                bar.update(ids.shape[0])
+                                     max_new_tokens=max_new_tokens, use_cache=True, synced_gpus=synced, **sampling)
+                if start < rows:
+                    responses.append(out[:, width - first:])
+                    bar.update(ids.shape[0])
     finally:
         inner.generation_config = model_generation_config
         inner.train(was_training)
@@ -243,10 +252,14 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
     tokens, sampled = [[] for _ in range(rows)], [[] for _ in range(rows)]
     conversations = [[dict(m) for m in tasks[b // n].messages] for b in range(rows)]
     live = list(range(rows))
+    synced = tip.is_distributed() and tip.is_sharded(inner)  # FSDP2: ranks sample as many turns (sample_tokens)
     for turn in range(max_turns):
-        room = max(max_new_tokens - len(tokens[b]) for b in live)
-        turns = sample_tokens(model, tokenizer, [encoded[b // n] + tokens[b] for b in live], 1, room, temperature,
-                              top_p, None if seed is None else seed + 7919 * turn, batch_size)
+        if not (tip.all_reduce_max(float(bool(live)), next(inner.parameters()).device) if synced else live):
+            break
+        contexts = [encoded[b // n] + tokens[b] for b in live] or encoded[:1]  # done here, not on every rank
+        room = max([max_new_tokens - len(tokens[b]) for b in live] or [1])
+        turns = sample_tokens(model, tokenizer, contexts, 1, room, temperature, top_p,
+                              None if seed is None else seed + 7919 * turn, batch_size)
         still = []
         for b, new in zip(live, turns):
             new = new[:max_new_tokens - len(tokens[b])]
@@ -269,7 +282,5 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
                 sampled[b] += [False] * len(glue)
                 still.append(b)
         live = still
-        if not live:
-            break
     return to_rollouts(tokenizer, encoded, tokens, n, eos, pad, next(inner.parameters()).device, sampled,
                        conversations)

@@ -253,27 +253,33 @@ def is_sharded(module_or_parameter) -> bool:
 
 
 def reshard(model) -> None:
-    """Return every FSDP2 unit of `model` to its shards. Each decoder layer is its own FSDP root, and a root
-    stays gathered after its forward until a backward reshards it: the teacher (no backward ever), a scoring
-    pass without grad and a skipped step would otherwise keep whole weights on every rank. Local: no
-    collective; a no-op for units already sharded and for models without FSDP."""
+    """Return every FSDP2 unit of `model` to its shards. Decoder layers reshard after each forward by themselves;
+    the root (embeddings, final norm, head) stays gathered from a forward to the end of its backward, or, for the
+    teacher, which never runs backward, until this call. Local: no collective; a no-op without FSDP."""
     from torch.distributed.fsdp import FSDPModule
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
 
 
-def shard_with_fsdp(model) -> None:
-    """FSDP2 on each decoder layer. Each micro-batch's backward reduce-scatters the layers' gradients as a sum
-    (divide factor 1), which add up in the shards over micro-batches: like the explicit all-reduce of the
-    replicated parameters, since the loss is already divided by the global kept count."""
-    from torch.distributed.fsdp import fully_shard
+def shard_with_fsdp(model, compute_dtype: torch.dtype) -> None:
+    """FSDP2 as the one place where sharding and precision are applied: each decoder layer its own unit that
+    reshards after its forward, the whole model the root (embeddings, final norm and head, tied or not), so a
+    layer is whole only while it computes. Parameters are gathered in `compute_dtype` (bf16 on GPU: activations
+    and the layer inputs that gradient checkpointing keeps are bf16) over fp32 master shards, and gradients are
+    reduced in fp32. Each micro-batch's backward reduce-scatters a plain sum (divide factor 1), which adds up in
+    the shards over micro-batches: the loss is already divided by the global kept count (Eq. 9)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer)
-        layer.set_gradient_divide_factor(1.0)
-        if hasattr(layer, "set_force_sum_reduction_for_comms"):  # plain SUM: gloo has no pre-multiplied sum
-            layer.set_force_sum_reduction_for_comms(True)
+        fully_shard(layer, mp_policy=precision, reshard_after_forward=True)
+    fully_shard(model, mp_policy=precision)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # plain SUM: gloo has no pre-multiplied sum
+                module.set_force_sum_reduction_for_comms(True)
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -293,9 +299,10 @@ def all_reduce_max(value: float, device) -> float:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on GPU (fp32 master weights); plain fp32 on CPU."""
+    """bf16 autocast on GPU (fp32 master weights); plain fp32 on CPU. Without the weight cache: it would keep a
+    bf16 copy of every weight until the region ends, though a layer needs its copy only while it computes."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

@@ -80,20 +80,17 @@ def score_rollouts(student, teacher, batch: Rollouts, config: tip.Config, keep_g
     tensors, and the teacher's final hidden states at those tokens (one [N, d] per micro-batch; the loss needs
     them again). No student graph outlives its micro-batch unless `keep_graph` (one micro-batch: pass 2 reuses
     this forward)."""
-    student_head, teacher_head = pair.lm_head_weight(student), pair.lm_head_weight(teacher)
-    device, response_mask = student_head.device, batch.response_mask.bool()
+    device, response_mask = next(student.parameters()).device, batch.response_mask.bool()
     parts, teacher_rows, student_rows = [], [], []
     for start in range(0, response_mask.shape[0], config.micro_batch_size):
         rows = slice(start, start + config.micro_batch_size)
         with torch.no_grad():
             teacher_rows.append(pair.response_hidden_states(teacher, batch, rows))
-        tip.reshard(teacher)  # FSDP2: the teacher never runs backward, which would reshard it
         with tip.autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
             hidden = pair.response_hidden_states(student, batch, rows)
-            parts.append(score.chunked_token_stats(hidden.detach(), student_head, teacher_rows[-1], teacher_head,
-                                                   config.chunk_size))
-        if not keep_graph:
-            tip.reshard(student)  # FSDP2: gathered again in pass 2, not held whole in between
+            # the heads after the forwards: under FSDP2 the roots hold them whole from a forward on
+            parts.append(score.chunked_token_stats(hidden.detach(), pair.lm_head_weight(student), teacher_rows[-1],
+                                                   pair.lm_head_weight(teacher), config.chunk_size))
         student_rows.append(hidden if keep_graph else None)
     stats = score.TokenStats(*(response_mask.new_zeros(response_mask.shape, dtype=torch.float32)
                                .masked_scatter(response_mask, torch.cat(column).to(device))
@@ -137,18 +134,19 @@ def train_on_kept(student, teacher, batch: Rollouts, kept_mask, teacher_rows, st
     rows only (chunked, gradient per chunk), divided by the kept count of the whole step on all ranks (Eq. 9;
     docs/decisions.md, "Loss normalization"), backward; its activations are freed before the next micro-batch.
     Returns this rank's summed loss."""
-    student_head, teacher_head = pair.lm_head_weight(student), pair.lm_head_weight(teacher)
-    response_mask = batch.response_mask.bool()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=student_head.device)
+    device, response_mask = next(student.parameters()).device, batch.response_mask.bool()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, start in enumerate(range(0, response_mask.shape[0], config.micro_batch_size)):
         rows = slice(start, start + config.micro_batch_size)
         kept_rows = kept_mask[rows][response_mask[rows]]  # this micro-batch's kept tokens, in row order
-        with tip.autocast(student_head.device):
+        with tip.autocast(device):
             hidden = student_rows[i]
             if hidden is None:
                 hidden = pair.response_hidden_states(student, batch, rows)
-            loss = score.distillation_loss(hidden[kept_rows], student_head, teacher_rows[i][kept_rows], teacher_head,
-                                           config.chunk_size, "sum", config.divergence, config.jsd_beta)
+            # the student's head read after its forward: under FSDP2 it is whole (and takes its gradient) only then
+            loss = score.distillation_loss(hidden[kept_rows], pair.lm_head_weight(student), teacher_rows[i][kept_rows],
+                                           pair.lm_head_weight(teacher), config.chunk_size, "sum", config.divergence,
+                                           config.jsd_beta)
         loss_sum += loss.detach()
         if kept_tokens > 0:
             (loss / kept_tokens).backward()
@@ -162,7 +160,7 @@ def accumulate_gradients(student, teacher, batch: Rollouts, config: tip.Config, 
     """Steps 2–4 for this rank's rollouts: score, select over the global batch, train on the kept tokens.
     `mistake_mask` marks a built-in world's known-mistake tokens: counted, and never kept with --exclude-mistakes.
     Returns the step's metrics; `skipped` names why no gradient was made (then every rank skips)."""
-    device, response_mask = pair.lm_head_weight(student).device, batch.response_mask.bool()
+    device, response_mask = next(student.parameters()).device, batch.response_mask.bool()
     if response_mask[:, 0].any():
         raise ValueError("a rollout's first position is a response token: every row needs a prompt token first")
     one_micro_batch = response_mask.shape[0] <= config.micro_batch_size
@@ -222,7 +220,8 @@ def train_step(student, teacher, rollouts: Rollouts, optimizer, config: tip.Conf
         else:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tip.reshard(student)  # FSDP2: a skipped step ran forwards without the backward that reshards
+    tip.reshard(student)  # FSDP2: a skipped step ran forwards without the backward that reshards the root
+    tip.reshard(teacher)  # and the teacher never runs one
     return dict(lr=lr, **metrics, grad_norm=grad_norm)
 
 
@@ -316,14 +315,14 @@ def setup(config: tip.Config, device):
         raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "
                              f"{tip.world_size()} processes a rollout: use more prompts or fewer processes")
     if config.fsdp:
-        tip.shard_with_fsdp(student)
-        tip.shard_with_fsdp(teacher)
+        tip.shard_with_fsdp(student, pair.torch_dtype(config.dtype, device))
+        tip.shard_with_fsdp(teacher, pair.torch_dtype(config.dtype, device))
     elif tip.is_distributed():
         for p in student.parameters():  # identical start on every rank (explicit data parallelism)
             dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
-                                  foreach=not config.fsdp)
+                                  fused=True)  # no parameter-sized temporary at step()
     return teacher, student, tokenizer, prompts, optimizer
 
 

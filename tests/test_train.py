@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import pair
 import score
@@ -276,9 +277,17 @@ def test_ranks_and_steps_sample_differently(monkeypatch):
 
 
 def torchrun(nproc: int, *args, timeout=300):
+    """torchrun × nproc; a run that hangs past `timeout` fails the test and leaves no process behind."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("mode,nproc", [("ddp", 3), ("fsdp", 4), ("conversations", 3)])
@@ -308,12 +317,12 @@ def test_ranks_match_one_process(tmp_path, mode, nproc):
 def test_fsdp_layers_are_back_in_their_shards_after_every_step(tmp_path):
     """Under FSDP2 no decoder-layer parameter of the student or the teacher stays a whole tensor after a step:
     skipped (forwards without the backward that reshards) or trained, in one pass or two, nor between the scoring
-    pass and the training pass, on 2 processes."""
+    pass and the training pass, nor right after a forward with grad whose backward has not run, on 2 processes."""
     result = torchrun(2, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "reshard")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in range(2):
         steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert [skipped for skipped, *_ in steps] == [True, True, False, False, True, True, False]
+        assert [skipped for skipped, *_ in steps] == [True, True, False, False, True, True, False, False]
         assert all(student and teacher for _, student, teacher in steps), steps
 
 
@@ -328,11 +337,68 @@ def test_each_rank_resumes_its_own_random_state(tmp_path):
     assert not torch.equal(draws[0]["after_save"], draws[1]["after_save"])
 
 
-def test_held_out_accuracy_over_ranks_is_that_of_the_whole_set(tmp_path):
-    result = torchrun(3, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "held_out")
+def test_an_fsdp_checkpoint_is_written_in_shards_and_resumes_on_other_process_counts(tmp_path):
+    """Saved by 4 FSDP2 processes, each writing its own shards (no model/ folder, no whole state on any rank), the
+    checkpoint resumes on 2 processes and in one unsharded process with the same weights and AdamW moments; torch's
+    own reader of the format (dcp_to_torch_save) finds the same weights in it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    saved = torchrun(4, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "save_sharded")
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    folder = tmp_path / "checkpoint-000005"
+    assert sorted(p.name for p in folder.iterdir()) == ["sharded", "state.pt"]
+    assert len(list((folder / "sharded").glob("*.distcp"))) == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    resumed = torchrun(2, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "resume_sharded")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    want, got = (torch.load(tmp_path / f"{mode}.pt") for mode in ("save_sharded", "resume_sharded"))
+    _, student = make_pair()
+    fresh = {name: value.clone() for name, value in student.state_dict().items()}
+    optimizer = torch.optim.AdamW(student.parameters())
+    assert checkpoint.resume_from(folder, student, optimizer) == 5
+    dcp_to_torch_save(folder / "sharded", tmp_path / "converted.pt")
+    converted = torch.load(tmp_path / "converted.pt")["model"]
+    for name, value in want["model"].items():
+        assert not torch.equal(value, fresh[name]), name
+        for other in (got["model"][name], student.state_dict()[name], converted[name]):
+            assert torch.equal(other, value), name
+    names = [name for name, _ in student.named_parameters()]
+    moments = [moments_by_name(state, names) for state in (want["optimizer"], got["optimizer"],
+                                                             optimizer.state_dict())]
+    assert moments[0].keys() == set(names) and all(m.keys() == moments[0].keys() for m in moments)
+    for name, (exp_avg, exp_avg_sq) in moments[0].items():
+        assert exp_avg.abs().min() > 0, name
+        assert all(torch.equal(m[name][0], exp_avg) and torch.equal(m[name][1], exp_avg_sq) for m in moments), name
+
+
+def moments_by_name(optimizer_state: dict, names: list[str]) -> dict:
+    """AdamW's moments by parameter name, from a plain state dict (keyed by index) or FSDP2's (keyed by name)."""
+    return {(name if isinstance(name, str) else names[name]): (s["exp_avg"], s["exp_avg_sq"])
+            for name, s in optimizer_state["state"].items()}
+
+
+@pytest.mark.parametrize("mode,nproc,problems", [("held_out", 3, 12), ("held_out_fsdp", 4, 5), ("held_out_fsdp", 4, 3)])
+def test_held_out_accuracy_over_ranks_is_that_of_the_whole_set(tmp_path, mode, nproc, problems):
+    """Uneven shares, and under FSDP2 a rank without a problem (which must still sample with the others)."""
+    result = torchrun(nproc, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), mode, str(problems),
+                      timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    want = sum((a * b) % 3 == 1 for a in range(4) for b in range(3)) / 12
-    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)] == [pytest.approx(want)] * 3
+    want = sum([(a * b) % 3 == 1 for a in range(4) for b in range(3)][:problems]) / problems
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)] == [pytest.approx(want)] * nproc
+
+
+def test_fsdp_sampling_of_uneven_ranks_finishes_and_equals_the_whole_model(tmp_path):
+    """4 processes under FSDP2, each decoding a different number of rows to a different length (2 to 29 tokens),
+    and conversations that call a tool 0 to 3 times: every rank finishes, its greedy rollouts are the unsharded
+    model's token for token, and each conversation has its own number of turns while every rank sampled as many
+    (the ranks that were done sampled along with a stand-in row)."""
+    result = torchrun(4, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "generate", timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert all(rank["same"] for rank in ranks), ranks
+    assert len({rank["width"] for rank in ranks}) == 4
+    assert [rank["assistant_turns"] for rank in ranks] == [1, 2, 3, 4]
+    assert [rank["turns"] for rank in ranks] == [[1, 1, 1, 1]] * 4
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +557,9 @@ def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_
     assert second["kept_tokens"] > 0 and second["response_tokens"] <= 2 * 4 * 6
     from safetensors.torch import load_file
     start = load_file(pair_and_prompts / "student" / "model.safetensors")
-    after = [load_file(tmp_path / "ranks" / f"checkpoint-00000{s}" / "model" / "model.safetensors") for s in (1, 2)]
+    after = [checkpoint_weights(tmp_path / "ranks" / f"checkpoint-00000{s}") for s in (1, 2)]
+    assert all((tmp_path / "ranks" / f"checkpoint-00000{s}" / ("sharded" if sharding else "model")).is_dir()
+               for s in (1, 2))
     assert all(torch.equal(after[0][name], start[name]) for name in start)
     assert not all(torch.equal(after[1][name], start[name]) for name in start)
     if sharding:
@@ -502,6 +570,17 @@ def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_
         assert [line["step"] for line in comparable(tmp_path / "ranks" / "metrics.jsonl")] == [1, 2, 3]
         final = load_file(tmp_path / "ranks" / "final" / "model.safetensors")
         assert final.keys() == start.keys() and not all(torch.equal(final[n], after[1][n]) for n in start)
+
+
+def checkpoint_weights(folder) -> dict:
+    """The student's weights in a checkpoint, read by transformers' format (safetensors) or by torch's own reader
+    of a sharded one."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    if (folder / "model").is_dir():
+        return load_file(folder / "model" / "model.safetensors")
+    dcp_to_torch_save(folder / "sharded", folder.parent / f"{folder.name}.pt")
+    return torch.load(folder.parent / f"{folder.name}.pt")["model"]
 
 
 def test_bad_flags_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):

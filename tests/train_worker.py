@@ -4,10 +4,12 @@
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR nan_on_rank_1 TRAIN_ARGS...
 
 rng: each rank's random state through save_checkpoint and resume_from; saves its draws after each.
+save_sharded / resume_sharded: an FSDP2 checkpoint after one AdamW step, and its resume; saves the whole state.
+generate: FSDP2 sampling with ranks of very different lengths, and conversations of different turn counts.
 reshard: FSDP2 steps, skipped and trained, in one and two passes, and a scoring pass alone; saves whether every
 layer is sharded after each.
 ddp / fsdp / conversations: one TIP step on this rank's contiguous share of a fixed batch (conversations: with
-tool results inside the responses); saves the weight update and the metrics. held_out:
+tool results inside the responses); saves the weight update and the metrics. held_out (held_out_fsdp, sharded; an optional problem count):
 evaluate.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
 so the accuracy of the whole set is known; saves it.
 """
@@ -24,6 +26,7 @@ import checkpoint
 import data
 import evaluate
 import grade
+import rollout
 import tip
 import train
 from conftest import char_tokenizer, tiny_causal_lm
@@ -85,8 +88,8 @@ def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7, tool
     before = {name: value.detach().clone() for name, value in student.state_dict().items()}
     batch = rank_share(make_batch(rows, tool_results=tool_results))
     if fsdp:
-        tip.shard_with_fsdp(student)
-        tip.shard_with_fsdp(teacher)
+        tip.shard_with_fsdp(student, torch.float32)
+        tip.shard_with_fsdp(teacher, torch.float32)
     # SGD: the update is the clipped gradient times lr (Adam's first step, ≈ lr · sign(g), would amplify float
     # noise in near-zero gradient entries). lr 1000 makes updates of ~1e-3, far above the weights' float32
     # resolution (~1e-9 at 0.02), so after − before is the update to ~1e-6 of its size.
@@ -131,10 +134,24 @@ def worker() -> None:
         torch.manual_seed(0)  # what a fresh process would start from
         checkpoint.resume_from(checkpoint.newest_checkpoint(out_dir), student, optimizer)
         torch.save(dict(after_save=after_save, after_resume=torch.rand(4)), out_dir / f"rank{tip.rank()}.pt")
+    elif mode in ("save_sharded", "resume_sharded"):  # a checkpoint of FSDP2 shards, read back on other counts
+        _, student = make_pair()
+        tip.shard_with_fsdp(student, torch.float32)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=0.01)
+        if mode == "save_sharded":
+            for p in student.parameters():  # an update and optimizer moments that differ from a fresh start
+                p.grad = torch.full_like(p, 0.5)
+            optimizer.step()
+            checkpoint.save_checkpoint(out_dir, 5, student, tokenizer(), optimizer)
+        else:
+            assert checkpoint.resume_from(checkpoint.newest_checkpoint(out_dir), student, optimizer) == 5
+        model_state, optimizer_state = checkpoint.full_state(student, optimizer)
+        if tip.rank() == 0:
+            torch.save(dict(model=model_state, optimizer=optimizer_state), out_dir / f"{mode}.pt")
     elif mode == "reshard":  # after a skipped step and after a trained one, every layer is back in its shards
         teacher, student = make_pair()
-        tip.shard_with_fsdp(student)
-        tip.shard_with_fsdp(teacher)
+        tip.shard_with_fsdp(student, torch.float32)
+        tip.shard_with_fsdp(teacher, torch.float32)
         optimizer = torch.optim.SGD(student.parameters())
         batch, real_stats, sharded = rank_share(make_batch(8)), train.score.chunked_token_stats, []
         for skipped in (True, False, True):
@@ -148,12 +165,43 @@ def worker() -> None:
         train.score_rollouts(student, teacher, batch, config(micro_batch_size=1), keep_graph=False)  # pass 1 alone
         sharded.append([False] + [all(tip.is_sharded(p) for p in model.model.layers.parameters())
                                   for model in (student, teacher)])
+        hidden = [train.pair.response_hidden_states(model, batch, slice(None)) for model in (student, teacher)]
+        sharded.append([False] + [all(tip.is_sharded(p) for p in model.model.layers.parameters())  # a forward
+                                  for model in (student, teacher)])  # with grad, its backward still to come
+        hidden[0].sum().backward()
         (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(sharded))
-    elif mode == "held_out":
+    elif mode == "generate":  # under FSDP2, ranks of very different lengths and turn counts; greedy
+        _, student = make_pair()
+        prompts = [data.format_prompt(tokenizer(), f"{tip.rank()}+{i}=") for i in range(tip.rank() + 1)]
+        length = 2 + 9 * tip.rank()
+        whole = rollout.generate_rollouts(student, tokenizer(), prompts, 1, length, temperature=0.0)
+        tip.shard_with_fsdp(student, torch.float32)
+        sharded = rollout.generate_rollouts(student, tokenizer(), prompts, 1, length, temperature=0.0)
+        import test_conversations as scripted  # scripted turns: rank r's task calls its tool r times
+        real_sample, turns = rollout.sample_tokens, []
+
+        def sample_and_script(model, tok, contexts, n, room, *args, **kwargs):
+            real_sample(model, tok, contexts, n, 3, *args, **kwargs)  # the collective forwards of a real turn
+            turns.append(len(contexts))
+            return scripted.scripted_sampler(tok)(model, tok, contexts, n, room)
+        rollout.sample_tokens = sample_and_script
+        scripted.SCRIPTS[6] = [scripted.CALL_A] * tip.rank() + ["done"]
+        task = rollout.Task([{"role": "user", "content": "task 6"}], [scripted.lookup])
+        tools_tokenizer = scripted.tokenizer_with_tools()
+        agent = tiny_causal_lm(tools_tokenizer, 32, seed=5)
+        tip.shard_with_fsdp(agent, torch.float32)
+        conversation = rollout.generate_conversations(agent, tools_tokenizer, [task], 1, 400, 8,
+                                                      temperature=0.0).conversations[0]
+        (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(dict(
+            same=torch.equal(whole.input_ids, sharded.input_ids), width=sharded.input_ids.shape[1], turns=turns,
+            assistant_turns=sum(m["role"] == "assistant" for m in conversation))))
+    elif mode in ("held_out", "held_out_fsdp"):
         grade.is_correct = lambda text, answer: answer == "1"  # a verdict that does not depend on the sample
         _, student = make_pair()
+        if mode == "held_out_fsdp":
+            tip.shard_with_fsdp(student, torch.float32)
         problems = [{"prompt": data.format_prompt(tokenizer(), f"{a}+{b}="), "answer": str((a * b) % 3)}
-                    for a in range(4) for b in range(3)]
+                    for a in range(4) for b in range(3)][:int(sys.argv[3]) if len(sys.argv) > 3 else None]
         accuracy = evaluate.held_out_accuracy(student, tokenizer(), problems,
                                               config(max_response_len=4, temperature=0.0), seed=0)
         (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(accuracy))
