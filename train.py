@@ -192,11 +192,13 @@ def sync_and_clip_gradients(student, max_norm: float) -> float:
     if tip.is_distributed():
         for work in [dist.all_reduce(g, async_op=True) for g in replicated]:
             work.wait()
-    squares = torch.stack([g.float().pow(2).sum() for g in replicated] or [torch.zeros(())])
-    sharded_square = torch.stack([g.float().pow(2).sum() for g in sharded] or [torch.zeros(())]).sum()
+    def squares(grads):  # vector_norm reduces in place: no parameter-sized temporary as g.pow(2) would make
+        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads]
+                           or [torch.zeros(())]).sum()
+    replicated_square, sharded_square = squares(replicated), squares(sharded)
     if sharded and tip.is_distributed():
         dist.all_reduce(sharded_square)
-    norm = (squares.sum() + sharded_square.to(squares.device)).sqrt().item()
+    norm = (replicated_square + sharded_square.to(replicated_square.device)).sqrt().item()
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         for p in params:
             p.grad.mul_(max_norm / (norm + 1e-6))
@@ -314,16 +316,24 @@ def setup(config: tip.Config, device):
     if min(config.prompts_per_step, len(prompts)) * config.rollouts_per_prompt < tip.world_size():
         raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "
                              f"{tip.world_size()} processes a rollout: use more prompts or fewer processes")
+    parallelize(student, teacher, config, device)
+    return teacher, student, tokenizer, prompts, make_optimizer(student, config)
+
+
+def parallelize(student, teacher, config: tip.Config, device) -> None:
+    """FSDP2 on both models (tip.shard_with_fsdp), or the same start on every rank for plain data parallelism."""
     if config.fsdp:
         tip.shard_with_fsdp(student, pair.torch_dtype(config.dtype, device))
         tip.shard_with_fsdp(teacher, pair.torch_dtype(config.dtype, device))
     elif tip.is_distributed():
-        for p in student.parameters():  # identical start on every rank (explicit data parallelism)
+        for p in student.parameters():
             dist.broadcast(p.data, 0)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
-                                  fused=True)  # no parameter-sized temporary at step()
-    return teacher, student, tokenizer, prompts, optimizer
+
+
+def make_optimizer(student, config: tip.Config) -> torch.optim.Optimizer:
+    """AdamW over the student's (sharded or whole) fp32 weights; fused: no parameter-sized temporary at step()."""
+    return torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr, fused=True,
+                             betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
 
 
 def train(config: tip.Config, device) -> None:
