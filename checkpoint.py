@@ -10,6 +10,7 @@ Two layouts, both read by `resume_from` under any number of processes, sharded o
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,13 @@ def save_sharded(target: Path, step: int, student, optimizer) -> None:
             target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def forget_metrics_after(metrics_path: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl after `step`: the steps a resumed run is about to take again."""
+    if metrics_path.exists():
+        lines = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in lines))
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:

@@ -192,6 +192,10 @@ class _ChunkedDivergence(torch.autograd.Function):
                                       device=device) if ctx.needs_input_grad[0] else None
             grad_head = torch.zeros(student_head.shape, dtype=student_head.dtype, device=device) \
                 if ctx.needs_input_grad[1] else None
+            # an fp32 head under bf16 compute: each chunk's product lands in one bf16 buffer of this call and is
+            # added to the fp32 sum from there (no [V, d] temporary per chunk)
+            chunk_grad_head = torch.empty(student_head.shape, dtype=compute, device=device) \
+                if grad_head is not None and grad_head.dtype != compute else None
             for i in range(0, student_hidden.shape[0], chunk_size):
                 rows = student_hidden[i:i + chunk_size].to(compute)
                 value, grad_logits = _divergence_and_grad_(_chunk_logits(rows, head, 0, chunk_size),
@@ -203,10 +207,10 @@ class _ChunkedDivergence(torch.autograd.Function):
                     torch.mm(grad_logits, head, out=grad_hidden[i:i + chunk_size]) \
                         if grad_hidden.dtype == compute else grad_hidden[i:i + chunk_size].copy_(grad_logits @ head)
                 if grad_head is not None:
-                    if grad_head.dtype == compute:
+                    if chunk_grad_head is None:
                         grad_head.addmm_(grad_logits.T, rows)
                     else:
-                        grad_head += grad_logits.T @ rows
+                        grad_head += torch.mm(grad_logits.T, rows, out=chunk_grad_head)
                 del grad_logits  # before the next chunk's logits exist
         ctx.save_for_backward(grad_hidden, grad_head)
         return total.to(torch.promote_types(compute, torch.float32))

@@ -282,6 +282,16 @@ def shard_with_fsdp(model, compute_dtype: torch.dtype) -> None:
                 module.set_force_sum_reduction_for_comms(True)
 
 
+def parallelize(student, teacher, fsdp: bool, compute_dtype: torch.dtype) -> None:
+    """FSDP2 on both models, or, for plain data parallelism, the same starting weights on every rank."""
+    if fsdp:
+        shard_with_fsdp(student, compute_dtype)
+        shard_with_fsdp(teacher, compute_dtype)
+    elif is_distributed():
+        for p in student.parameters():
+            dist.broadcast(p.data, 0)
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Sums a few scalars over ranks (counts and totals for logging and the Eq. 9 denominator)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

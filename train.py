@@ -316,18 +316,8 @@ def setup(config: tip.Config, device):
     if min(config.prompts_per_step, len(prompts)) * config.rollouts_per_prompt < tip.world_size():
         raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "
                              f"{tip.world_size()} processes a rollout: use more prompts or fewer processes")
-    parallelize(student, teacher, config, device)
+    tip.parallelize(student, teacher, config.fsdp, pair.torch_dtype(config.dtype, device))
     return teacher, student, tokenizer, prompts, make_optimizer(student, config)
-
-
-def parallelize(student, teacher, config: tip.Config, device) -> None:
-    """FSDP2 on both models (tip.shard_with_fsdp), or the same start on every rank for plain data parallelism."""
-    if config.fsdp:
-        tip.shard_with_fsdp(student, pair.torch_dtype(config.dtype, device))
-        tip.shard_with_fsdp(teacher, pair.torch_dtype(config.dtype, device))
-    elif tip.is_distributed():
-        for p in student.parameters():
-            dist.broadcast(p.data, 0)
 
 
 def make_optimizer(student, config: tip.Config) -> torch.optim.Optimizer:
@@ -354,10 +344,7 @@ def train(config: tip.Config, device) -> None:
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        metrics_path = run_dir / "metrics.jsonl"
-        if metrics_path.exists():  # a resumed run rewrites the steps after its checkpoint
-            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start_step]
-            metrics_path.write_text("".join(l + "\n" for l in lines))
+        checkpoint.forget_metrics_after(run_dir / "metrics.jsonl", start_step)  # a resumed run logs them anew
         rho = config.ratio or tip.load_select().RULES[config.rule].default_ratio
         print(f"run folder {run_dir}; {len(prompts)} prompts; rule {config.rule} (ρ = {rho}); "
               f"{tip.world_size()} process(es)")

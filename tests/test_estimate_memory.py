@@ -157,7 +157,7 @@ def worker() -> None:
               for path in (teacher_dir, student_dir)]
     teacher, student = models[0].eval().requires_grad_(False), models[1]
     train.prepare_student(student, config)
-    train.parallelize(student, teacher, config, torch.device("cpu"))
+    tip.parallelize(student, teacher, config.fsdp, torch.float32)
     optimizer = train.make_optimizer(student, config)
     rows = config.prompts_per_step * config.rollouts_per_prompt // tip.world_size()
     vocab = student.config.vocab_size
