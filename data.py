@@ -170,3 +170,25 @@ def rollout_share(step: int, num_prompts: int, config: tip.Config) -> list[int]:
     rollouts = [i for i in step_prompts(step, num_prompts, config) for _ in range(config.rollouts_per_prompt)]
     share = len(rollouts) / tip.world_size()
     return rollouts[round(tip.rank() * share):round((tip.rank() + 1) * share)]
+
+
+def micro_batches(prompt_lengths: list[int], response_lengths: list[int], max_rows: int,
+                  max_tokens: int = 0) -> list[list[int]]:
+    """The rows of each micro-batch of a rank's rollouts. Without a token budget: consecutive groups of `max_rows`.
+    With one: rows sorted by length, longest first, and packed while the micro-batch's padded size stays within
+    `max_tokens` (and its rows within `max_rows`); a row longer than the budget is a micro-batch of its own. The
+    padded size is what the forward computes: rows × (longest prompt + longest response), since prompts are
+    left-padded and responses right-padded to the micro-batch's longest."""
+    rows = len(prompt_lengths)
+    if not max_tokens:
+        return [list(range(start, min(start + max_rows, rows))) for start in range(0, rows, max_rows)]
+    order = sorted(range(rows), key=lambda i: (-(prompt_lengths[i] + response_lengths[i]), i))
+    groups, prompt_width, response_width = [], 0, 0
+    for i in order:
+        wider = (max(prompt_width, prompt_lengths[i]), max(response_width, response_lengths[i]))
+        if not groups or len(groups[-1]) == max_rows or (len(groups[-1]) + 1) * sum(wider) > max_tokens:
+            groups.append([])
+            wider = (prompt_lengths[i], response_lengths[i])
+        groups[-1].append(i)
+        prompt_width, response_width = wider
+    return groups

@@ -97,6 +97,9 @@ class Config:
     adam_beta2: float = arg(0.999, "AdamW beta2")
     grad_clip: float = arg(1.0, "global gradient-norm clip (0 = off)")
     micro_batch_size: int = arg(8, "rollouts per forward/backward on one rank (gradient accumulation beyond)")
+    micro_batch_tokens: int = arg(0, "micro-batches by tokens: rollouts sorted by length and packed while rows x "
+                                  "(longest prompt + longest response) stays within this many tokens (and the rows "
+                                  "within --micro-batch-size); 0 = consecutive groups of --micro-batch-size rows")
     chunk_size: int = arg(512, "rows of [rows, vocab] logits materialised at once in scoring and the loss")
     gradient_checkpointing: bool = arg(True, "recompute student activations in backward to save memory")
     single_forward: bool = arg(False, "keep every micro-batch's student graph from scoring to the loss: one student "

@@ -75,27 +75,45 @@ def sample_rollouts(step: int, student, tokenizer, prompts: list[dict], config: 
                                        config.top_p, seed=seed)
 
 
-def score_rollouts(student, teacher, batch: Rollouts, config: tip.Config, keep_graph: bool):
+def micro_batches(student, batch: Rollouts, config: tip.Config) -> list[list[int]]:
+    """The rows of each micro-batch (data.micro_batches: by rows, or packed under --micro-batch-tokens). Under
+    FSDP2 every forward and backward is a collective, so a rank with fewer adds empty ones, which run a stand-in
+    row with the others and drop it."""
+    prompt_lengths = batch.prompt_lengths.tolist()
+    response_lengths = [int(real) - p for real, p in zip(batch.attention_mask.sum(1).tolist(), prompt_lengths)]
+    groups = data.micro_batches(prompt_lengths, response_lengths, config.micro_batch_size, config.micro_batch_tokens)
+    if tip.is_distributed() and tip.is_sharded(student):
+        groups += [[] for _ in range(int(tip.all_reduce_max(len(groups), batch.input_ids.device)) - len(groups))]
+    return groups
+
+
+def response_hidden_states(model, batch: Rollouts, rows: list[int]) -> torch.Tensor:
+    """pair.response_hidden_states of `rows`; an empty micro-batch runs the first row (FSDP2's collectives) and
+    returns none of it, still attached to the model's graph (its backward reduces zeros with the others)."""
+    hidden = pair.response_hidden_states(model, batch, rows or [0])
+    return hidden if rows else hidden[:0]
+
+
+def score_rollouts(student, teacher, batch: Rollouts, groups: list[list[int]], config: tip.Config, keep_graph: bool):
     """Step 2, pass 1, per micro-batch: h, δ, δ_fwd of every response token (Eqs. 2–3, chunked) as [B, L]
     tensors, and the teacher's final hidden states at those tokens (one [N, d] per micro-batch; the loss needs
     them again). No student graph outlives its micro-batch unless `keep_graph` (one micro-batch: pass 2 reuses
     this forward)."""
     device, response_mask = next(student.parameters()).device, batch.response_mask.bool()
-    parts, teacher_rows, student_rows = [], [], []
-    for start in range(0, response_mask.shape[0], config.micro_batch_size):
-        rows = slice(start, start + config.micro_batch_size)
+    stats = [response_mask.new_zeros(response_mask.shape, dtype=torch.float32) for _ in score.TokenStats._fields]
+    teacher_rows, student_rows = [], []
+    for rows in groups:
         with torch.no_grad():
-            teacher_rows.append(pair.response_hidden_states(teacher, batch, rows))
+            teacher_rows.append(response_hidden_states(teacher, batch, rows))
         with tip.autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
-            hidden = pair.response_hidden_states(student, batch, rows)
+            hidden = response_hidden_states(student, batch, rows)
             # the heads after the forwards: under FSDP2 the roots hold them whole from a forward on
-            parts.append(score.chunked_token_stats(hidden.detach(), pair.lm_head_weight(student), teacher_rows[-1],
-                                                   pair.lm_head_weight(teacher), config.chunk_size))
+            part = score.chunked_token_stats(hidden.detach(), pair.lm_head_weight(student), teacher_rows[-1],
+                                             pair.lm_head_weight(teacher), config.chunk_size)
+        for full, values in zip(stats, part):  # back to the rows' places, row-major as the hidden states are
+            full[rows] = full[rows].masked_scatter(response_mask[rows], values.to(device))
         student_rows.append(hidden if keep_graph else None)
-    stats = score.TokenStats(*(response_mask.new_zeros(response_mask.shape, dtype=torch.float32)
-                               .masked_scatter(response_mask, torch.cat(column).to(device))
-                               for column in zip(*parts)))
-    return stats, teacher_rows, student_rows
+    return score.TokenStats(*stats), teacher_rows, student_rows
 
 
 def select_kept(stats: score.TokenStats, response_mask: torch.Tensor, config: tip.Config,
@@ -128,21 +146,20 @@ def step_metrics(stats: score.TokenStats, response_mask, kept_mask, mistakes, de
     return metrics
 
 
-def train_on_kept(student, teacher, batch: Rollouts, kept_mask, teacher_rows, student_rows, kept_tokens: float,
-                  config: tip.Config) -> float:
+def train_on_kept(student, teacher, batch: Rollouts, groups: list[list[int]], kept_mask, teacher_rows, student_rows,
+                  kept_tokens: float, config: tip.Config) -> float:
     """Step 4, pass 2, per micro-batch: the student forward with grad (checkpointed when asked), KL at the kept
     rows only (chunked, gradient per chunk), divided by the kept count of the whole step on all ranks (Eq. 9;
     docs/decisions.md, "Loss normalization"), backward; its activations are freed before the next micro-batch.
     Returns this rank's summed loss."""
     device, response_mask = next(student.parameters()).device, batch.response_mask.bool()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, start in enumerate(range(0, response_mask.shape[0], config.micro_batch_size)):
-        rows = slice(start, start + config.micro_batch_size)
+    for i, rows in enumerate(groups):
         kept_rows = kept_mask[rows][response_mask[rows]]  # this micro-batch's kept tokens, in row order
         with tip.autocast(device):
             hidden = student_rows[i]
             if hidden is None:
-                hidden = pair.response_hidden_states(student, batch, rows)
+                hidden = response_hidden_states(student, batch, rows)
             # the student's head read after its forward: under FSDP2 it is whole (and takes its gradient) only then
             loss = score.distillation_loss(hidden[kept_rows], pair.lm_head_weight(student), teacher_rows[i][kept_rows],
                                            pair.lm_head_weight(teacher), config.chunk_size, "sum", config.divergence,
@@ -163,9 +180,9 @@ def accumulate_gradients(student, teacher, batch: Rollouts, config: tip.Config, 
     device, response_mask = next(student.parameters()).device, batch.response_mask.bool()
     if response_mask[:, 0].any():
         raise ValueError("a rollout's first position is a response token: every row needs a prompt token first")
-    one_micro_batch = response_mask.shape[0] <= config.micro_batch_size
-    stats, teacher_rows, student_rows = score_rollouts(student, teacher, batch, config,
-                                                       keep_graph=config.single_forward or one_micro_batch)
+    groups = micro_batches(student, batch, config)
+    stats, teacher_rows, student_rows = score_rollouts(student, teacher, batch, groups, config,
+                                                       keep_graph=config.single_forward or len(groups) == 1)
     non_finite = sum(int((~torch.isfinite(value[response_mask])).sum()) for value in stats)
     response_tokens, non_finite = tip.all_reduce_sum([response_mask.sum().item(), non_finite], device)
     if response_tokens == 0 or non_finite:  # every rank sees the same totals, so every rank skips
@@ -174,8 +191,8 @@ def accumulate_gradients(student, teacher, batch: Rollouts, config: tip.Config, 
     mistakes = torch.zeros_like(response_mask) if mistake_mask is None else mistake_mask.bool() & response_mask
     kept_mask = select_kept(stats, response_mask, config, generator, mistakes)
     metrics = step_metrics(stats, response_mask, kept_mask, mistakes, device, mistake_mask is not None)
-    loss_sum = train_on_kept(student, teacher, batch, kept_mask, teacher_rows, student_rows, metrics["kept_tokens"],
-                             config)
+    loss_sum = train_on_kept(student, teacher, batch, groups, kept_mask, teacher_rows, student_rows,
+                             metrics["kept_tokens"], config)
     loss = tip.all_reduce_sum([loss_sum], device)[0] / max(metrics["kept_tokens"], 1)
     return dict(loss=loss, **metrics, skipped="")
 
@@ -279,12 +296,6 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
         parser.error(f"--resume: no complete checkpoint in {Path(config.out_dir) / config.run_name}")
     if config.fsdp and "RANK" not in os.environ:
         parser.error("--fsdp shards over processes: launch with torchrun")
-    shares = [round((r + 1) * rollouts / processes) - round(r * rollouts / processes) for r in range(processes)]
-    if config.fsdp and len({math.ceil(share / config.micro_batch_size) for share in shares}) > 1:
-        # FSDP2 gathers and reduces each layer in every forward and backward: ranks must run as many of them
-        parser.error(f"--fsdp: {rollouts} rollouts over {processes} processes are shares of {min(shares)} and "
-                     f"{max(shares)}, which make different numbers of micro-batches of {config.micro_batch_size}; "
-                     f"use --micro-batch-size {max(shares)}, or prompts x rollouts divisible by the processes")
     try:
         data.template_switches(config)
         if config.engine == "vllm":

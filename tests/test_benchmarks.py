@@ -29,9 +29,9 @@ score._divergence_and_grad_ = negated
     "two_pass_divides_twice": """
 import train
 real = train.train_on_kept
-def divided_twice(student, teacher, batch, kept_mask, teacher_rows, student_rows, kept_tokens, config):
+def divided_twice(student, teacher, batch, groups, kept_mask, teacher_rows, student_rows, kept_tokens, config):
     two_pass = any(rows is None for rows in student_rows)
-    return real(student, teacher, batch, kept_mask, teacher_rows, student_rows,
+    return real(student, teacher, batch, groups, kept_mask, teacher_rows, student_rows,
                 2 * kept_tokens if two_pass else kept_tokens, config)
 train.train_on_kept = divided_twice
 """,

@@ -162,7 +162,7 @@ def worker() -> None:
                                            config(micro_batch_size=micro_batch_size), 0, None)
                 sharded.append([bool(metrics["skipped"])] + [all(tip.is_sharded(p) for p in model.model.layers
                                                                  .parameters()) for model in (student, teacher)])
-        train.score_rollouts(student, teacher, batch, config(micro_batch_size=1), keep_graph=False)  # pass 1 alone
+        train.score_rollouts(student, teacher, batch, [[0], [1], [2], [3]], config(), keep_graph=False)  # pass 1
         sharded.append([False] + [all(tip.is_sharded(p) for p in model.model.layers.parameters())
                                   for model in (student, teacher)])
         hidden = [train.pair.response_hidden_states(model, batch, slice(None)) for model in (student, teacher)]
@@ -208,8 +208,8 @@ def worker() -> None:
     else:
         # FSDP2 also accumulates, on the two-pass path: 8 rows, 2 per rank, in micro-batches of 1 (FSDP2 needs
         # as many forwards on every rank; train.py's parse_config refuses shares that would differ)
-        fsdp = mode == "fsdp"
-        update, metrics = one_step(fsdp, micro_batch_size=1 if fsdp else 64, rows=8 if fsdp else 7,
+        fsdp = mode.startswith("fsdp")
+        update, metrics = one_step(fsdp, micro_batch_size=1 if fsdp else 64, rows=8 if mode == "fsdp" else 7,
                                    tool_results=mode == "conversations")
         torch.save(dict(update=update, metrics=metrics), out_dir / f"rank{tip.rank()}.pt")
     torch.distributed.destroy_process_group()
