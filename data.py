@@ -172,6 +172,20 @@ def rollout_share(step: int, num_prompts: int, config: tip.Config) -> list[int]:
     return rollouts[round(tip.rank() * share):round((tip.rank() + 1) * share)]
 
 
+def balanced_owners(lengths: list[int], world_size: int) -> list[int]:
+    """The rank that trains each of the step's rollouts (`lengths`: their tokens, every rank's rows in rank
+    order), so that ranks train about as many tokens each: longest first, each to the rank with the fewest tokens
+    so far (then the fewest rows, then the lowest rank). The longest-processing-time rule: within 4/3 of the best
+    split, and every rank gets a row when there are as many rows as ranks."""
+    tokens, rows, owners = [0] * world_size, [0] * world_size, [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        owner = min(range(world_size), key=lambda r: (tokens[r], rows[r], r))
+        owners[i] = owner
+        tokens[owner] += lengths[i]
+        rows[owner] += 1
+    return owners
+
+
 def micro_batches(prompt_lengths: list[int], response_lengths: list[int], max_rows: int,
                   max_tokens: int = 0) -> list[list[int]]:
     """The rows of each micro-batch of a rank's rollouts. Without a token budget: consecutive groups of `max_rows`.

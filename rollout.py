@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from transformers import GenerationConfig
 
@@ -81,6 +82,39 @@ def to_rollouts(tokenizer, encoded: list[list[int]], responses: list[list[int]],
         texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
         conversations=conversations,
     )
+
+
+def balance_over_ranks(batch: Rollouts, mistakes: torch.Tensor | None = None
+                       ) -> tuple[Rollouts, torch.Tensor | None]:
+    """The step's rollouts moved between ranks after sampling, so that every rank trains about as many tokens
+    (data.balanced_owners): the slowest rank sets the step's pace. Only what training reads travels (tokens,
+    masks, prompt lengths, and a built-in world's mistake mask); texts and conversations stay with the rank that
+    sampled and grades them, so the returned rows have none and a prompt index of -1. Collective."""
+    if not tip.is_distributed():
+        return batch, mistakes
+    real = batch.attention_mask.bool()
+    rows = [(batch.input_ids[b][real[b]].cpu(), batch.response_mask[b][real[b]].cpu(),
+             None if mistakes is None else mistakes[b][real[b]].cpu(), int(batch.prompt_lengths[b]))
+            for b in range(real.shape[0])]
+    every_rank = [None] * tip.world_size()
+    dist.all_gather_object(every_rank, rows)
+    rows = [row for rank_rows in every_rank for row in rank_rows]
+    owners = data.balanced_owners([len(ids) for ids, *_ in rows], tip.world_size())
+    mine = [row for row, owner in zip(rows, owners) if owner == tip.rank()]
+    width = max(p for *_, p in mine), max(len(ids) - p for ids, *_, p in mine)  # prompts left, responses right
+    input_ids = torch.zeros(len(mine), sum(width), dtype=torch.long)
+    attention_mask, response_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids, dtype=torch.bool)
+    moved_mistakes = None if mistakes is None else torch.zeros_like(response_mask)
+    for i, (ids, sampled, mistaken, prompt_length) in enumerate(mine):
+        columns = slice(width[0] - prompt_length, width[0] - prompt_length + len(ids))
+        input_ids[i, columns], attention_mask[i, columns], response_mask[i, columns] = ids, 1, sampled
+        if moved_mistakes is not None:
+            moved_mistakes[i, columns] = mistaken
+    device = batch.input_ids.device
+    moved = Rollouts(input_ids.to(device), attention_mask.to(device), response_mask.to(device),
+                     torch.tensor([p for *_, p in mine], device=device), torch.full((len(mine),), -1, device=device),
+                     [], None)
+    return moved, None if moved_mistakes is None else moved_mistakes.to(device)
 
 
 def encode_for_sampling(tokenizer, prompts: list[str], n: int, max_new_tokens: int) -> list[list[int]]:

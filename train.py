@@ -252,8 +252,9 @@ def run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problem
     mine, rollouts = sample_rollouts(step, student, tokenizer, prompts, config, device, engine)
     sampled_seconds = time.time() - t0
     mistakes = worlds.world_mistake_mask(config.prompts, tokenizer, rollouts, [p["prompt"] for p in mine])
+    batch, mistakes = rollout.balance_over_ranks(rollouts, mistakes)  # every rank trains about as many tokens
     generator = torch.Generator().manual_seed(sampling_seed(step, config))  # the sampled rules' draws
-    metrics = train_step(student, teacher, rollouts, optimizer, config, step, generator, mistakes)
+    metrics = train_step(student, teacher, batch, optimizer, config, step, generator, mistakes)
     if engine is not None:
         engine.sync(student)  # on-policy: the next step samples from the weights this step made (and checks it)
         metrics["engine_logprob_gap"] = engine.last_gap

@@ -5,6 +5,7 @@
 
 rng: each rank's random state through save_checkpoint and resume_from; saves its draws after each.
 save_sharded / resume_sharded: an FSDP2 checkpoint after one AdamW step, and its resume; saves the whole state.
+balance: rollout.balance_over_ranks of uneven rows; saves each rank's rows after.
 generate: FSDP2 sampling with ranks of very different lengths, and conversations of different turn counts.
 reshard: FSDP2 steps, skipped and trained, in one and two passes, and a scoring pass alone; saves whether every
 layer is sharded after each.
@@ -86,7 +87,7 @@ def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7, tool
     Returns (the weight update after − before, by name; the step's metrics)."""
     teacher, student = make_pair()
     before = {name: value.detach().clone() for name, value in student.state_dict().items()}
-    batch = rank_share(make_batch(rows, tool_results=tool_results))
+    batch, _ = rollout.balance_over_ranks(rank_share(make_batch(rows, tool_results=tool_results)))
     if fsdp:
         tip.shard_with_fsdp(student, torch.float32)
         tip.shard_with_fsdp(teacher, torch.float32)
@@ -148,6 +149,18 @@ def worker() -> None:
         model_state, optimizer_state = checkpoint.full_state(student, optimizer)
         if tip.rank() == 0:
             torch.save(dict(model=model_state, optimizer=optimizer_state), out_dir / f"{mode}.pt")
+    elif mode == "balance":  # 9 rollouts of very uneven lengths over 3 ranks, moved so ranks train alike
+        batch = rank_share(make_batch(rows=9, length=40, seed=11, tool_results=True))
+        mistakes = batch.response_mask & (batch.input_ids % 3 == 0)
+        moved, moved_mistakes = rollout.balance_over_ranks(batch, mistakes)
+        real = moved.attention_mask.bool()
+        rows = [dict(ids=moved.input_ids[b][real[b]].tolist(), sampled=moved.response_mask[b][real[b]].tolist(),
+                     mistakes=moved_mistakes[b][real[b]].tolist(), prompt=int(moved.prompt_lengths[b]),
+                     first=int(real[b].nonzero()[0]), prompt_end=int(real[b].nonzero()[0]) + int(
+                         moved.prompt_lengths[b]), response_starts=int(moved.response_mask[b].nonzero()[0]))
+                for b in range(real.shape[0])]
+        (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(dict(rows=rows, before=int(
+            batch.attention_mask.sum()), columns=moved.input_ids.shape[1])))
     elif mode == "reshard":  # after a skipped step and after a trained one, every layer is back in its shards
         teacher, student = make_pair()
         tip.shard_with_fsdp(student, torch.float32)
