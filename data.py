@@ -187,22 +187,25 @@ def balanced_owners(lengths: list[int], world_size: int) -> list[int]:
 
 
 def micro_batches(prompt_lengths: list[int], response_lengths: list[int], max_rows: int,
-                  max_tokens: int = 0) -> list[list[int]]:
+                  max_tokens: int = 0, padding_free: bool = False) -> list[list[int]]:
     """The rows of each micro-batch of a rank's rollouts. Without a token budget: consecutive groups of `max_rows`.
-    With one: rows sorted by length, longest first, and packed while the micro-batch's padded size stays within
+    With one: rows sorted by length, longest first, and packed while the micro-batch's size stays within
     `max_tokens` (and its rows within `max_rows`); a row longer than the budget is a micro-batch of its own. The
-    padded size is what the forward computes: rows × (longest prompt + longest response), since prompts are
-    left-padded and responses right-padded to the micro-batch's longest."""
+    size is what the forward computes: rows × (longest prompt + longest response), since prompts are left-padded
+    and responses right-padded to the micro-batch's longest, or, `padding_free`, the real tokens alone."""
     rows = len(prompt_lengths)
     if not max_tokens:
         return [list(range(start, min(start + max_rows, rows))) for start in range(0, rows, max_rows)]
     order = sorted(range(rows), key=lambda i: (-(prompt_lengths[i] + response_lengths[i]), i))
-    groups, prompt_width, response_width = [], 0, 0
+
+    def size(group: list[int]) -> int:  # the tokens the forward computes for these rows
+        if padding_free:
+            return sum(prompt_lengths[j] + response_lengths[j] for j in group)
+        return len(group) * (max(prompt_lengths[j] for j in group) + max(response_lengths[j] for j in group))
+    groups: list[list[int]] = []
     for i in order:
-        wider = (max(prompt_width, prompt_lengths[i]), max(response_width, response_lengths[i]))
-        if not groups or len(groups[-1]) == max_rows or (len(groups[-1]) + 1) * sum(wider) > max_tokens:
-            groups.append([])
-            wider = (prompt_lengths[i], response_lengths[i])
-        groups[-1].append(i)
-        prompt_width, response_width = wider
+        if groups and len(groups[-1]) < max_rows and size(groups[-1] + [i]) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     return groups

@@ -56,12 +56,15 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
     return tip.unwrap(model).get_output_embeddings().weight
 
 
-def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None):
     """Hidden states [B, L, d] after the final norm, one per context c_t = (x, y_<t) (§3), without logits:
     score.py multiplies chunks of them by `lm_head_weight`. Positions count real tokens, as generate does with
-    left padding. A DDP/FSDP2-wrapped model runs through its wrapper (gradient sync, parameter gathering)
-    with logits for no position, and the decoder's output is taken by a forward hook."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    left padding (or are given: packed rows restart them, see `packed`). A DDP/FSDP2-wrapped model runs through
+    its wrapper (gradient sync, parameter gathering) with logits for no position, and the decoder's output is
+    taken by a forward hook."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inner = tip.unwrap(model)
     decoder = inner.get_decoder()
     if model is inner and not tip.is_sharded(model):
@@ -85,9 +88,33 @@ def trimmed(batch, rows: slice):
     return batch.input_ids[rows, columns], attention[:, columns], batch.response_mask[rows, columns]
 
 
-def response_hidden_states(model, batch, rows: slice) -> torch.Tensor:
+def packed(batch, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real tokens of `rows` laid end to end in one row [1, T] (no padding), with positions that restart at
+    each rollout, and its response mask: the model's attention keeps each rollout to itself, as transformers
+    reads the rollouts' bounds from the positions (FlashAttention's variable-length path; a block-diagonal mask
+    for the others)."""
+    real = batch.attention_mask[rows].bool()
+    lengths = real.sum(1)
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    position_ids = torch.arange(int(lengths.sum()), device=real.device) - starts
+    return batch.input_ids[rows][real][None], position_ids[None], batch.response_mask[rows][real][None]
+
+
+def packs_rows(model, padding_free: str) -> bool:
+    """Whether `model` runs a micro-batch as one packed row (--padding-free on/off, or auto: where its attention
+    has a variable-length path, FlashAttention's, so packed rows cost no more than their tokens; the other
+    implementations mask a block diagonal over the whole packed row)."""
+    variable_length = "flash" in str(getattr(tip.unwrap(model).config, "_attn_implementation", ""))
+    return padding_free == "on" or (padding_free == "auto" and variable_length)
+
+
+def response_hidden_states(model, batch, rows, padding_free: str = "off") -> torch.Tensor:
     """Final hidden states [N, d] at the contexts of the response tokens of `rows`, in row-major order: the
-    hidden state at position p predicts the token at p + 1."""
+    hidden state at position p predicts the token at p + 1. With `packs_rows(model, padding_free)` the rows are
+    packed into one (`packed`); a rollout's first token is a prompt token, so no context crosses rollouts."""
+    if packs_rows(model, padding_free):
+        input_ids, position_ids, mask = packed(batch, rows)
+        return final_hidden_states(model, input_ids, None, position_ids)[:, :-1][mask[:, 1:].bool()]
     input_ids, attention_mask, mask = trimmed(batch, rows)
     return final_hidden_states(model, input_ids, attention_mask)[:, :-1][mask[:, 1:].bool()]
 

@@ -100,6 +100,10 @@ class Config:
     micro_batch_tokens: int = arg(0, "micro-batches by tokens: rollouts sorted by length and packed while rows x "
                                   "(longest prompt + longest response) stays within this many tokens (and the rows "
                                   "within --micro-batch-size); 0 = consecutive groups of --micro-batch-size rows")
+    padding_free: str = arg("auto", "pack each micro-batch's rollouts into one row of their real tokens: auto = where "
+                            "the attention has a variable-length path (attn_implementation flash_attention_2/3), "
+                            "on = also elsewhere (a block-diagonal mask over the packed row), off = pad",
+                            ["auto", "on", "off"])
     chunk_size: int = arg(512, "rows of [rows, vocab] logits materialised at once in scoring and the loss")
     gradient_checkpointing: bool = arg(True, "recompute student activations in backward to save memory")
     single_forward: bool = arg(False, "keep every micro-batch's student graph from scoring to the loss: one student "

@@ -81,16 +81,17 @@ def micro_batches(student, batch: Rollouts, config: tip.Config) -> list[list[int
     row with the others and drop it."""
     prompt_lengths = batch.prompt_lengths.tolist()
     response_lengths = [int(real) - p for real, p in zip(batch.attention_mask.sum(1).tolist(), prompt_lengths)]
-    groups = data.micro_batches(prompt_lengths, response_lengths, config.micro_batch_size, config.micro_batch_tokens)
+    groups = data.micro_batches(prompt_lengths, response_lengths, config.micro_batch_size, config.micro_batch_tokens,
+                                pair.packs_rows(student, config.padding_free))
     if tip.is_distributed() and tip.is_sharded(student):
         groups += [[] for _ in range(int(tip.all_reduce_max(len(groups), batch.input_ids.device)) - len(groups))]
     return groups
 
 
-def response_hidden_states(model, batch: Rollouts, rows: list[int]) -> torch.Tensor:
+def response_hidden_states(model, batch: Rollouts, rows: list[int], config: tip.Config) -> torch.Tensor:
     """pair.response_hidden_states of `rows`; an empty micro-batch runs the first row (FSDP2's collectives) and
     returns none of it, still attached to the model's graph (its backward reduces zeros with the others)."""
-    hidden = pair.response_hidden_states(model, batch, rows or [0])
+    hidden = pair.response_hidden_states(model, batch, rows or [0], config.padding_free)
     return hidden if rows else hidden[:0]
 
 
@@ -104,9 +105,9 @@ def score_rollouts(student, teacher, batch: Rollouts, groups: list[list[int]], c
     teacher_rows, student_rows = [], []
     for rows in groups:
         with torch.no_grad():
-            teacher_rows.append(response_hidden_states(teacher, batch, rows))
+            teacher_rows.append(response_hidden_states(teacher, batch, rows, config))
         with tip.autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
-            hidden = response_hidden_states(student, batch, rows)
+            hidden = response_hidden_states(student, batch, rows, config)
             # the heads after the forwards: under FSDP2 the roots hold them whole from a forward on
             part = score.chunked_token_stats(hidden.detach(), pair.lm_head_weight(student), teacher_rows[-1],
                                              pair.lm_head_weight(teacher), config.chunk_size)
@@ -159,7 +160,7 @@ def train_on_kept(student, teacher, batch: Rollouts, groups: list[list[int]], ke
         with tip.autocast(device):
             hidden = student_rows[i]
             if hidden is None:
-                hidden = response_hidden_states(student, batch, rows)
+                hidden = response_hidden_states(student, batch, rows, config)
             # the student's head read after its forward: under FSDP2 it is whole (and takes its gradient) only then
             loss = score.distillation_loss(hidden[kept_rows], pair.lm_head_weight(student), teacher_rows[i][kept_rows],
                                            pair.lm_head_weight(teacher), config.chunk_size, "sum", config.divergence,

@@ -143,29 +143,50 @@ def test_micro_batches_give_the_gradients_of_one(rule, micro_batch_size, micro_b
         torch.testing.assert_close(p.grad, want[name], atol=1e-5 * want[name].abs().max().item(), rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("padding_free", ["off", "on"])
 @pytest.mark.parametrize("max_rows,max_tokens", [(3, 0), (64, 40), (3, 40), (64, 1), (2, 10_000)])
-def test_micro_batches_by_tokens_cover_every_row_once_within_the_budget(max_rows, max_tokens):
-    """Every row in exactly one micro-batch; the padded size the forward really computes (the micro-batch's
-    columns that are not padding in all rows, as pair.trimmed cuts them) within the budget unless the row is alone
-    and longer; at most max_rows rows; without a budget, consecutive rows in order; with one, packed greedily from
-    the longest (a micro-batch is closed only when the next row would not fit)."""
+def test_micro_batches_by_tokens_cover_every_row_once_within_the_budget(max_rows, max_tokens, padding_free):
+    """Every row in exactly one micro-batch; the size the forward really computes (padded: the micro-batch's
+    columns that are not padding in all rows, as pair.trimmed cuts them; packed: the row pair.packed makes) within
+    the budget unless the row is alone and longer; at most max_rows rows; without a budget, consecutive rows in
+    order; with one, packed greedily from the longest (a micro-batch is closed only when the next row would not
+    fit)."""
     batch = make_batch(rows=11, length=24, seed=5)
-    groups = train.micro_batches(None, batch, config(micro_batch_size=max_rows, micro_batch_tokens=max_tokens))
+
+    def computed(rows):
+        return (pair.packed(batch, rows)[0] if padding_free == "on" else pair.trimmed(batch, rows)[0]).numel()
+    groups = train.micro_batches(make_pair()[1], batch, config(micro_batch_size=max_rows,
+                                                               micro_batch_tokens=max_tokens, padding_free=padding_free))
     assert sorted(i for rows in groups for i in rows) == list(range(11))
-    padded = [pair.trimmed(batch, rows)[0].numel() for rows in groups]
     real = batch.attention_mask.sum(1)
-    for rows, size in zip(groups, padded):
+    for rows in groups:
         assert 1 <= len(rows) <= max_rows
         if max_tokens:
-            assert size <= max_tokens or (len(rows) == 1 and real[rows[0]] > max_tokens)
+            assert computed(rows) <= max_tokens or (len(rows) == 1 and real[rows[0]] > max_tokens)
     if not max_tokens:
         assert groups == [list(range(s, min(s + max_rows, 11))) for s in range(0, 11, max_rows)]
     else:
         lengths = [int(real[i]) for rows in groups for i in rows]
         assert lengths == sorted(lengths, reverse=True)
         for rows, following in zip(groups, groups[1:]):  # the next micro-batch's first row did not fit
-            wider = pair.trimmed(batch, rows + following[:1])[0].numel()
-            assert len(rows) == max_rows or wider > max_tokens
+            assert len(rows) == max_rows or computed(rows + following[:1]) > max_tokens
+
+
+@pytest.mark.parametrize("rule", ["type_aware", "entropy"])
+def test_packed_rows_give_the_loss_and_gradients_of_padded_ones(rule):
+    """--padding-free on: each micro-batch one row of real tokens, positions restarting per rollout; the same
+    scores, kept tokens, loss and gradients as padded micro-batches (rows of very different lengths)."""
+    teacher, student = make_pair()
+    batch = make_batch(rows=9, length=24, seed=2)
+    results, grads = [], []
+    for padding_free in ("off", "on"):
+        student.zero_grad(set_to_none=True)
+        results.append(train.accumulate_gradients(student, teacher, batch, config(
+            rule=rule, micro_batch_size=4, padding_free=padding_free), torch.Generator().manual_seed(3)))
+        grads.append(gradients(student))
+    assert without_skipped(results[1]) == pytest.approx(without_skipped(results[0]), rel=1e-5)
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, atol=1e-5 * want.abs().max().item(), rtol=1e-4, msg=name)
 
 
 def test_gradient_checkpointing_recomputes_in_backward_in_trains_own_step(pair_and_prompts, tmp_path, monkeypatch):
