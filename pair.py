@@ -111,12 +111,16 @@ def packs_rows(model, padding_free: str) -> bool:
 def response_hidden_states(model, batch, rows, padding_free: str = "off") -> torch.Tensor:
     """Final hidden states [N, d] at the contexts of the response tokens of `rows`, in row-major order: the
     hidden state at position p predicts the token at p + 1. With `packs_rows(model, padding_free)` the rows are
-    packed into one (`packed`); a rollout's first token is a prompt token, so no context crosses rollouts."""
+    packed into one (`packed`); a rollout's first token is a prompt token, so no context crosses rollouts.
+    No rows (an FSDP2 rank out of micro-batches): the first row runs with the other ranks' forwards and none of
+    it is returned, still attached to the model's graph, so its backward reduces zeros with theirs."""
     if packs_rows(model, padding_free):
-        input_ids, position_ids, mask = packed(batch, rows)
-        return final_hidden_states(model, input_ids, None, position_ids)[:, :-1][mask[:, 1:].bool()]
-    input_ids, attention_mask, mask = trimmed(batch, rows)
-    return final_hidden_states(model, input_ids, attention_mask)[:, :-1][mask[:, 1:].bool()]
+        input_ids, position_ids, mask = packed(batch, rows or [0])
+        hidden = final_hidden_states(model, input_ids, None, position_ids)[:, :-1][mask[:, 1:].bool()]
+    else:
+        input_ids, attention_mask, mask = trimmed(batch, rows or [0])
+        hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1][mask[:, 1:].bool()]
+    return hidden if rows else hidden[:0]
 
 
 def torch_dtype(dtype: str | torch.dtype, device) -> torch.dtype:

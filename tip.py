@@ -125,7 +125,9 @@ class Config:
 
 # The toy preset: the built-in pair on a 2-core CPU. Anything the user passes on the command line wins.
 PRESETS = {
-    "paper": {},
+    # micro-batches of at most one full-length rollout's tokens (2,048 + 8,192): short rollouts share one, with
+    # little padding once sorted by length (none with FlashAttention's variable-length path)
+    "paper": dict(micro_batch_tokens=10240),
     "toy": dict(prompts="toy", prompts_per_step=8, rollouts_per_prompt=4, max_prompt_len=64,
                 max_response_len=48, steps=300, lr=2e-4, warmup_steps=10, min_lr_ratio=0.1,
                 micro_batch_size=32, chunk_size=512, gradient_checkpointing=False, save_every=100,

@@ -88,13 +88,6 @@ def micro_batches(student, batch: Rollouts, config: tip.Config) -> list[list[int
     return groups
 
 
-def response_hidden_states(model, batch: Rollouts, rows: list[int], config: tip.Config) -> torch.Tensor:
-    """pair.response_hidden_states of `rows`; an empty micro-batch runs the first row (FSDP2's collectives) and
-    returns none of it, still attached to the model's graph (its backward reduces zeros with the others)."""
-    hidden = pair.response_hidden_states(model, batch, rows or [0], config.padding_free)
-    return hidden if rows else hidden[:0]
-
-
 def score_rollouts(student, teacher, batch: Rollouts, groups: list[list[int]], config: tip.Config, keep_graph: bool):
     """Step 2, pass 1, per micro-batch: h, δ, δ_fwd of every response token (Eqs. 2–3, chunked) as [B, L]
     tensors, and the teacher's final hidden states at those tokens (one [N, d] per micro-batch; the loss needs
@@ -105,9 +98,9 @@ def score_rollouts(student, teacher, batch: Rollouts, groups: list[list[int]], c
     teacher_rows, student_rows = [], []
     for rows in groups:
         with torch.no_grad():
-            teacher_rows.append(response_hidden_states(teacher, batch, rows, config))
+            teacher_rows.append(pair.response_hidden_states(teacher, batch, rows, config.padding_free))
         with tip.autocast(device), torch.set_grad_enabled(keep_graph):  # autocast also puts scoring on bf16 cores
-            hidden = response_hidden_states(student, batch, rows, config)
+            hidden = pair.response_hidden_states(student, batch, rows, config.padding_free)
             # the heads after the forwards: under FSDP2 the roots hold them whole from a forward on
             part = score.chunked_token_stats(hidden.detach(), pair.lm_head_weight(student), teacher_rows[-1],
                                              pair.lm_head_weight(teacher), config.chunk_size)
@@ -160,7 +153,7 @@ def train_on_kept(student, teacher, batch: Rollouts, groups: list[list[int]], ke
         with tip.autocast(device):
             hidden = student_rows[i]
             if hidden is None:
-                hidden = response_hidden_states(student, batch, rows, config)
+                hidden = pair.response_hidden_states(student, batch, rows, config.padding_free)
             # the student's head read after its forward: under FSDP2 it is whole (and takes its gradient) only then
             loss = score.distillation_loss(hidden[kept_rows], pair.lm_head_weight(student), teacher_rows[i][kept_rows],
                                            pair.lm_head_weight(teacher), config.chunk_size, "sum", config.divergence,

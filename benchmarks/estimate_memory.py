@@ -8,8 +8,8 @@ Every train.py flag is accepted. It models one optimizer step as train.py runs i
 pair (each rank loads it whole before sharding), sampling (step 1: transformers generate with its KV cache, or
 the vLLM engine's --gpu-memory-utilization share, released while the student trains), scoring (step 2: teacher and
 student forwards without grad, chunked scores), the loss and the backward of the last micro-batch (step 4), and
-the optimizer step (5). The student is fp32 master weights, fp32 gradients and two fp32 AdamW moments (fused:
-no temporary at step()); the teacher is frozen in the compute dtype (bf16 on GPU, fp32 on CPU). With --fsdp (FSDP2: each decoder
+the optimizer step (5). The student is fp32 master weights, fp32 gradients and two fp32 AdamW moments
+(fused: no temporary at step()); the teacher is frozen in the compute dtype (bf16 on GPU, fp32 on CPU). With --fsdp (FSDP2: each decoder
 layer and the whole model are units, parameters gathered in the compute dtype, gradients reduced in fp32) all
 of that is divided by --gpus, and what is gathered is added: two decoder layers at a time, and the root
 (embeddings, final norm, head) from a forward to the end of the backward (student) or of the step (teacher).
@@ -124,10 +124,15 @@ def estimate(config: tip.Config, gpus: int, teacher: Shape, student: Shape, devi
     act = 4 if autocast else c  # the residual stream and checkpointed layer inputs: fp32 under autocast
     shard = gpus if config.fsdp else 1
     rows = math.ceil(config.prompts_per_step * config.rollouts_per_prompt / gpus)  # this rank's rollouts
+    # a micro-batch: up to micro_batch_size rollouts at full length, or, with a token budget, at most that many
+    # tokens (a rollout longer than the budget alone); `micro` counts full-length rollouts' worth of tokens
     micro = min(config.micro_batch_size, rows)
+    if config.micro_batch_tokens:
+        micro = min(micro, max(config.micro_batch_tokens, config.max_prompt_len + config.max_response_len)
+                    / (config.max_prompt_len + config.max_response_len))
     micro_batches = math.ceil(rows / micro)
     length, response = config.max_prompt_len + config.max_response_len, config.max_response_len
-    tokens, scored = micro * length, micro * response  # positions in a micro-batch, scored rows among them
+    tokens, scored = round(micro * length), round(micro * response)  # a micro-batch's positions, scored rows
     ratio = config.ratio or tip.load_select().RULES[config.rule].default_ratio
     kept = math.ceil(ratio * scored)
     p_s, p_t, v = params(student), params(teacher), min(student.vocab, teacher.vocab)
@@ -141,7 +146,7 @@ def estimate(config: tip.Config, gpus: int, teacher: Shape, student: Shape, devi
                    + (c + 4) * layer_params(student)) if config.fsdp else 0
     cast = 2 * largest_param(student) if autocast else 0  # autocast without its weight cache: one weight at a time
     # the SDPA mask with padding: [micro, 1, L, L] booleans, made by each forward, alive to the end of its backward
-    mask = micro * length * length
+    mask = tokens * length
     checkpoints = (student.layers * tokens * student.hidden * act if config.gradient_checkpointing
                    else student.layers * layer_with_grad(student, tokens, act, c))
     one_layer = layer_with_grad(student, tokens, act, c) if config.gradient_checkpointing else 0
@@ -243,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     peak, budget = sum(phases[peak_phase].values()), HEADROOM * args.gpu_memory_gib * GIB
     rows = math.ceil(config.prompts_per_step * config.rollouts_per_prompt / args.gpus)
     sharding = "FSDP2" if config.fsdp else "no sharding"
+    budget_text = f" within {config.micro_batch_tokens} tokens" if config.micro_batch_tokens else ""
     print(f"# {names[0]} ({params(teacher) / 1e9:.2f} B) → {names[1]} "
           f"({params(student) / 1e9:.2f} B) on {args.gpus} {args.device} device(s), {sharding}, "
           f"engine {config.engine}; {rows} rollouts per rank of ≤{config.max_prompt_len} + "
-          f"{config.max_response_len} tokens, micro-batches of {config.micro_batch_size}, chunk {config.chunk_size}, "
+          f"{config.max_response_len} tokens, micro-batches of {config.micro_batch_size}{budget_text}, "
+          f"chunk {config.chunk_size}, "
           f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}")
     print(report(phases))
     fits = peak <= budget
