@@ -4,14 +4,14 @@
     python benchmarks/estimate_memory.py --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-1.7B --gpus 8 --engine vllm
     python benchmarks/estimate_memory.py --teacher DIR --student DIR --max-response-len 4096 --micro-batch-size 4
 
-Every train.py flag is accepted. It models one optimizer step as train.py runs it, phase by phase: loading the
-pair (each rank loads it whole before sharding), sampling (step 1: transformers generate with its KV cache, or
-the vLLM engine's --gpu-memory-utilization share, released while the student trains), scoring (step 2: teacher and
-student forwards without grad, chunked scores), the loss and the backward of the last micro-batch (step 4), and
-the optimizer step (5). The student is fp32 master weights, fp32 gradients and two fp32 AdamW moments
-(fused: no temporary at step()); the teacher is frozen in the compute dtype (bf16 on GPU, fp32 on CPU). With --fsdp (FSDP2: each decoder
-layer and the whole model are units, parameters gathered in the compute dtype, gradients reduced in fp32) all
-of that is divided by --gpus, and what is gathered is added: two decoder layers at a time, and the root
+Every train.py flag is accepted. It models one optimizer step as train.py runs it, phase by phase: loading the pair
+(each rank loads it whole before sharding), sampling (step 1: transformers generate with its KV cache, or the vLLM
+engine's --gpu-memory-utilization share, released while the student trains), scoring (step 2: teacher and student
+forwards without grad, chunked scores), the loss and the backward of the last micro-batch (step 4), and the
+optimizer step (5). The student is fp32 master weights, fp32 gradients and two fp32 AdamW moments (fused: no
+temporary at step()); the teacher is frozen in the compute dtype (bf16 on GPU, fp32 on CPU). With --fsdp (FSDP2:
+each decoder layer and the whole model are units, parameters gathered in the compute dtype, gradients reduced in
+fp32) all of that is divided by --gpus, and what is gathered is added: two decoder layers at a time, and the root
 (embeddings, final norm, head) from a forward to the end of the backward (student) or of the step (teacher).
 Without it, the GPU computes in bf16 autocast over the fp32 weights, so the residual stream stays fp32.
 
