@@ -244,7 +244,7 @@ STEP_MODULES = ("train", "transformers.models.qwen3.modeling_qwen3")  # step_set
 def step_setup(args, rollouts: int, **config_fields):
     """What a child of bench_step or bench_micro_batches builds, as train.py's setup does: the teacher (1.5×
     wider, in --dtype, frozen), the student (fp32, set up by train.prepare_student), the tip.Config, AdamW as
-    train.py makes it without --fsdp, and a batch of `rollouts` synthetic rollouts. Then a warm-up step at
+    train.py makes it, and a batch of `rollouts` synthetic rollouts. Then a warm-up step at
     learning rate 0 on 2 short rollouts: AdamW's moments exist afterwards, as in every step of a run but the
     first, and the weights are unchanged, so every variant's first timed step starts from the same weights."""
     import train
@@ -257,9 +257,7 @@ def step_setup(args, rollouts: int, **config_fields):
     config = tip.Config(chunk_size=args.chunk_size, gradient_checkpointing=args.gradient_checkpointing, grad_clip=1.0,
                         steps=1, **config_fields)
     train.prepare_student(student, config)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
-                                  foreach=True)
+    optimizer = train.make_optimizer(student, config)
     return teacher, student, optimizer, config, make_rollouts(rollouts, args.response_len, args.vocab, args.seed,
                                                               device)
 
