@@ -130,7 +130,18 @@ def torch_dtype(dtype: str | torch.dtype, device) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def load_pair(teacher: str, student: str, device, dtype="auto"):
+def attention_implementation(name: str, device) -> str | None:
+    """--attn-implementation: "auto" is FlashAttention 2 on a GPU where the flash_attn package is installed (its
+    variable-length path lets --padding-free micro-batches cost only their tokens), else transformers' default."""
+    import importlib.util
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def load_pair(teacher: str, student: str, device, dtype="auto", attention="auto"):
     """(teacher T, student S_θ, tokenizer) of §3 from local folders or hub ids. T is frozen (eval mode, no
     grads); "auto" dtype is bf16 on GPU, fp32 on CPU. Paths, hub, tokenizers and logit transforms are checked
     before any weight is read. Heads of different widths are allowed: scores use the shared first
@@ -150,8 +161,9 @@ def load_pair(teacher: str, student: str, device, dtype="auto"):
     for role, path in paths.items():
         check_logit_config(AutoConfig.from_pretrained(path, **load), f"{role} {path!r}")
     dtype = torch_dtype(dtype, device)
-    models = {role: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load).to(device)
-              for role, path in paths.items()}
+    attention = attention_implementation(attention, device)
+    models = {role: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention, **load)
+              .to(device) for role, path in paths.items()}
     for model in models.values():
         check_head(model)
     models["teacher"].eval().requires_grad_(False)

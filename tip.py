@@ -100,6 +100,9 @@ class Config:
     micro_batch_tokens: int = arg(0, "micro-batches by tokens: rollouts sorted by length and packed while rows x "
                                   "(longest prompt + longest response) stays within this many tokens (and the rows "
                                   "within --micro-batch-size); 0 = consecutive groups of --micro-batch-size rows")
+    attn_implementation: str = arg("auto", "the models' attention (transformers' attn_implementation: sdpa, eager, "
+                                   "flash_attention_2, ...); auto = flash_attention_2 on a GPU where flash_attn is "
+                                   "installed, else transformers' default")
     padding_free: str = arg("auto", "pack each micro-batch's rollouts into one row of their real tokens: auto = where "
                             "the attention has a variable-length path (attn_implementation flash_attention_2/3), "
                             "on = also elsewhere (a block-diagonal mask over the packed row), off = pad",

@@ -51,7 +51,7 @@ def load_pair(config: tip.Config, device):
     if not teacher and not student:
         folder = world_folder(config.prompts if config.prompts in WORLDS else "toy", config.world_dir)
         teacher, student = str(folder / "teacher"), str(folder / "student")
-    return pair.load_pair(teacher, student, device, config.dtype)
+    return pair.load_pair(teacher, student, device, config.dtype, config.attn_implementation)
 
 
 def world_tasks(name: str, problems: list[dict], tokenizer, switches: dict | None = None) -> dict | None:

@@ -56,6 +56,23 @@ def test_load_pair_from_local_folders(folders, tokenizer, capsys):
     assert teacher.dtype == torch.bfloat16
 
 
+def test_the_attention_implementation_reaches_both_models(folders, monkeypatch):
+    """--attn-implementation is what transformers loads both models with; auto is its default (SDPA) on a CPU,
+    and FlashAttention 2 on a GPU only where the flash_attn package is installed."""
+    import importlib.util
+    teacher, student, _ = pair.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu", attention="eager")
+    assert teacher.config._attn_implementation == student.config._attn_implementation == "eager"
+    teacher, student, _ = pair.load_pair(str(folders / "teacher"), str(folders / "student"), "cpu")
+    assert teacher.config._attn_implementation == student.config._attn_implementation == "sdpa"
+    installed = {"flash_attn": True, "other": False}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if installed[name] else None)
+    assert pair.attention_implementation("auto", "cuda") == "flash_attention_2"
+    assert pair.attention_implementation("auto", "cpu") is None
+    assert pair.attention_implementation("sdpa", "cuda") == "sdpa"
+    installed["flash_attn"] = False
+    assert pair.attention_implementation("auto", "cuda") is None
+
+
 def test_different_tokenizers_are_refused_naming_both(folders):
     teacher, student = str(folders / "other_tokenizer"), str(folders / "student")
     with pytest.raises(ValueError, match="different tokenizers") as error:

@@ -172,6 +172,15 @@ def test_micro_batches_by_tokens_cover_every_row_once_within_the_budget(max_rows
             assert len(rows) == max_rows or computed(rows + following[:1]) > max_tokens
 
 
+def test_padding_free_auto_packs_where_attention_has_a_variable_length_path():
+    config_of_model = type("Config", (), {"_attn_implementation": "sdpa"})()
+    model = torch.nn.Module()
+    model.config = config_of_model
+    assert [pair.packs_rows(model, mode) for mode in ("auto", "on", "off")] == [False, True, False]
+    config_of_model._attn_implementation = "flash_attention_2"
+    assert [pair.packs_rows(model, mode) for mode in ("auto", "on", "off")] == [True, True, False]
+
+
 @pytest.mark.parametrize("rule", ["type_aware", "entropy"])
 def test_packed_rows_give_the_loss_and_gradients_of_padded_ones(rule):
     """--padding-free on: each micro-batch one row of real tokens, positions restarting per rollout; the same
