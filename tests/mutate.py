@@ -198,6 +198,15 @@ MUTANTS = [
            "dcp.save({\"model\": model_state, \"optimizer\": optimizer_state}, checkpoint_id=tmp / \"sharded\",\n"
            "             no_dist=True) if tip.rank() == 0 else None",
            ("tests/test_train.py", "-k", "fsdp_checkpoint")),
+    # blind round 6 survivors, with the tests written for their class
+    Mutant("evaluate's default sample counts swapped", "evaluate.py", "args.samples or (4 if args.taxonomy else 16)",
+           "args.samples or (16 if args.taxonomy else 4)", ("tests/test_evaluate.py", "-k", "sampling_flag")),
+    Mutant("model_generator drops top-p", "evaluate.py",
+           "return generate_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p,",
+           "return generate_rollouts(model, tokenizer, prompts, n, max_new_tokens, temperature,",
+           ("tests/test_evaluate.py", "-k", "every_setting")),
+    Mutant("the agent reward refuses negative answers", "agent.py", r'r"\\boxed\{(-?\d+)\}"',
+           r'r"\\boxed\{(\d+)\}"', ("tests/test_agent.py", "-k", "every_answer")),
 ]
 
 

@@ -97,6 +97,16 @@ def test_reward_reads_the_last_assistant_turn():
         task.tools[0]("a")
 
 
+@pytest.mark.parametrize("answer", ["-3", "0", "12", "-40"])
+def test_reward_takes_every_answer_the_worlds_arithmetic_can_give(answer):
+    """Answers are integers of either sign (a difference of looked-up values can be negative): the right one in
+    the last turn's box scores 1, any other number 0."""
+    task = agent.agent_task({"problem": "A-B=", "answer": answer})
+    assert task.reward([{"role": "assistant", "content": f"7-10=\\boxed{{{answer}}}"}]) == 1.0
+    assert task.reward([{"role": "assistant", "content": f"\\boxed{{{int(answer) + 1}}}"}]) == 0.0
+    assert task.reward([{"role": "assistant", "content": f"\\boxed{{{-int(answer) or 1}}}"}]) == 0.0
+
+
 def test_miniature_world_builds_and_trains_with_conversations(tmp_path, monkeypatch):
     import evaluate
     import train

@@ -262,6 +262,75 @@ def test_cli_toy_benchmark_asks_bare_problems(tmp_path, tiny_pair, monkeypatch):
     assert saved["summary"]["max_new_tokens"] == 48 and saved["summary"]["problems"] == 3
 
 
+def test_every_sampling_flag_reaches_the_sampler_and_the_defaults_are_the_documented_ones(tmp_path, tiny_pair,
+                                                                                         monkeypatch):
+    """evaluate.py's flags arrive at model_generator and at the generate call as given; left out, they are the
+    documented defaults: mean@16 at temperature 1.0 and top-p 1.0 (§7.1), 8,192 tokens, seed 0; the taxonomy's
+    samples: 4."""
+    import inspect
+    seen = []
+    real = evaluate.model_generator
+
+    def recorder(*args, **kwargs):
+        seen.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return lambda prompts, n: seen[-1].setdefault("n", n) and ["\\boxed{0}"] * (len(prompts) * n)
+    monkeypatch.setattr(evaluate, "model_generator", recorder)
+    (tmp_path / "p.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    base = ["--model", str(tiny_pair / "student"), "--data", str(tmp_path / "p.jsonl"), "--out",
+            str(tmp_path / "out.json"), "--device", "cpu"]
+    evaluate.main(base)
+    assert {k: seen[-1][k] for k in ("max_new_tokens", "temperature", "top_p", "seed", "n")} == dict(
+        max_new_tokens=8192, temperature=1.0, top_p=1.0, seed=0, n=16)
+    evaluate.main([*base, "--samples", "3", "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "33",
+                   "--seed", "5", "--batch-size", "6"])
+    assert {k: seen[-1][k] for k in ("max_new_tokens", "temperature", "top_p", "seed", "batch_size", "n")} == dict(
+        max_new_tokens=33, temperature=0.7, top_p=0.9, seed=5, batch_size=6, n=3)
+    taxonomy_samples = []
+    monkeypatch.setattr(evaluate, "report_taxonomy", lambda args, samples, temperature:
+                        taxonomy_samples.append((samples, temperature)))
+    evaluate.main(["--taxonomy"])
+    evaluate.main(["--taxonomy", "--samples", "2", "--temperature", "0.5"])
+    assert taxonomy_samples == [(4, 1.0), (2, 0.5)]
+
+
+@pytest.mark.parametrize("path", ["hf", "engine", "conversations"])
+def test_model_generator_passes_every_setting_to_its_sampler(path, monkeypatch):
+    """Each of model_generator's samplers (transformers generate, the vLLM engine, conversations with tools) gets
+    the length, temperature, top-p, n, batch size (turn limit and template switches for conversations) as
+    given, and seed + the call's number."""
+    import inspect
+    import rollout
+    calls = []
+
+    def recording(real):
+        def sampler(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls.append(dict(bound.arguments))
+            rows = len(calls[-1].get("prompts") or calls[-1].get("tasks")) * calls[-1]["n"]
+            return types.SimpleNamespace(texts=["x"] * rows, conversations=[[{"role": "assistant", "content": "x"}]]
+                                         * rows)
+        return sampler
+    monkeypatch.setattr(rollout, "generate_rollouts", recording(rollout.generate_rollouts))
+    monkeypatch.setattr(rollout, "generate_conversations", recording(rollout.generate_conversations))
+
+    class Engine:
+        def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed=None):
+            return recording(Engine.generate)(self, prompts, n, max_new_tokens, temperature, top_p, seed=seed)
+    tasks = {"p": rollout.Task([{"role": "user", "content": "p"}]), "q": rollout.Task([{"role": "user", "content": "q"}])}
+    generate = evaluate.model_generator("model", "tokenizer", 37, 0.3, 0.77, 900, 5, Engine() if path == "engine"
+                                        else None, tasks if path == "conversations" else None, 3, {"switch": 1})
+    for _ in range(2):
+        generate(["p", "q"], 2)
+    for call, seed in zip(calls, (900, 901)):
+        assert (call["max_new_tokens"], call["temperature"], call["top_p"], call["n"], call["seed"]) == (
+            37, 0.3, 0.77, 2, seed)
+        if path != "engine":
+            assert call["batch_size"] == 5
+        if path == "conversations":
+            assert (call["max_turns"], call["switches"], call["tasks"]) == (3, {"switch": 1}, list(tasks.values()))
+
+
 def test_chat_template_switches_reach_the_benchmark_prompts(tmp_path, tiny_pair, monkeypatch):
     from transformers import AutoTokenizer
     import shutil

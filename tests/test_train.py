@@ -310,6 +310,48 @@ def test_rollout_shares_cover_the_step_once_and_differ_by_at_most_one(world_size
     assert max(map(len, shares)) - min(map(len, shares)) <= 1 and min(map(len, shares)) >= 1
 
 
+@pytest.mark.parametrize("path", ["hf", "engine", "conversations"])
+def test_sample_rollouts_passes_every_setting_to_its_sampler(path, monkeypatch):
+    """train.py's flags reach each sampler as given: --max-response-len, --temperature, --top-p, one rollout
+    per listed prompt (the share already repeats each prompt --rollouts-per-prompt times), the step's seed,
+    and for conversations --max-turns and the chat-template switches."""
+    import inspect
+    import rollout
+    calls = []
+
+    def recording(real):
+        def sampler(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls.append(dict(bound.arguments))
+            return "rollouts"
+        return sampler
+    monkeypatch.setattr(train, "generate_rollouts", recording(rollout.generate_rollouts))
+    monkeypatch.setattr(train, "generate_conversations", recording(rollout.generate_conversations))
+
+    class Engine:
+        def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed=None):
+            return recording(Engine.generate)(self, prompts, n, max_new_tokens, temperature, top_p, seed=seed)
+
+        def sleep(self):
+            calls[-1]["slept"] = True
+    task = rollout.Task([{"role": "user", "content": "q"}]) if path == "conversations" else None
+    prompts = [{"prompt": f"p{i}", "task": task} for i in range(3)]
+    c = config(prompts_per_step=3, rollouts_per_prompt=2, max_response_len=37, temperature=0.3, top_p=0.77,
+               max_turns=5, seed=4, chat_template_kwargs='{"enable_thinking": true}')
+    mine, rollouts = train.sample_rollouts(7, "student", "tokenizer", prompts, c, torch.device("cpu"),
+                                           Engine() if path == "engine" else None)
+    call = calls[0]
+    assert len(calls) == 1 and rollouts == "rollouts" and len(mine) == 6
+    assert (call["max_new_tokens"], call["temperature"], call["top_p"], call["n"], call["seed"]) == (
+        37, 0.3, 0.77, 1, train.sampling_seed(7, c))
+    assert len(call.get("prompts") or call.get("tasks")) == 6
+    if path == "engine":
+        assert call["slept"]
+    if path == "conversations":
+        assert (call["max_turns"], call["switches"]) == (5, {"enable_thinking": True})
+
+
 def test_ranks_and_steps_sample_differently(monkeypatch):
     """Rollouts are drawn independently: two ranks holding the same prompt, or one rank at two steps, sample
     different responses (identical draws would train on copies of one sample)."""
