@@ -207,6 +207,19 @@ MUTANTS = [
            ("tests/test_evaluate.py", "-k", "every_setting")),
     Mutant("the agent reward refuses negative answers", "agent.py", r'r"\\boxed\{(-?\d+)\}"',
            r'r"\\boxed\{(\d+)\}"', ("tests/test_agent.py", "-k", "every_answer")),
+    Mutant("a signal stops the run without its checkpoint", "train.py",
+           "if stop_now or give_up or (config.save_every", "if give_up or (config.save_every",
+           ("tests/test_train.py", "-k", "two_resumes")),
+    Mutant("resume reads one safetensors file", "checkpoint.py",
+           'for file in sorted((checkpoint / "model").glob("*.safetensors")):',
+           'for file in sorted((checkpoint / "model").glob("model.safetensors")):',
+           ("tests/test_train.py", "-k", "several_safetensors")),
+    Mutant("the taxonomy samples with temperature and top-p swapped", "taxonomy.py",
+           "samples, max_new_tokens, temperature, top_p,", "samples, max_new_tokens, top_p, temperature,",
+           ("tests/test_evaluate.py", "-k", "taxonomy_passes")),
+    Mutant("a local prompt file read as --prompt-split", "data.py",
+           'data_files=str(path), split="train")', "data_files=str(path), split=config.prompt_split)",
+           ("tests/test_tip.py", "-k", "one_split")),
 ]
 
 

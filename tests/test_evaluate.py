@@ -293,6 +293,28 @@ def test_every_sampling_flag_reaches_the_sampler_and_the_defaults_are_the_docume
     assert taxonomy_samples == [(4, 1.0), (2, 0.5)]
 
 
+def test_the_taxonomy_passes_every_setting_to_its_sampler(monkeypatch):
+    """taxonomy.taxonomy's rollouts are drawn with its own samples, length, temperature, top-p, seed and batch."""
+    import inspect
+    import rollout
+    calls = []
+
+    class Drawn(Exception):
+        pass
+
+    signature = inspect.signature(rollout.generate_rollouts)
+
+    def recording(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        raise Drawn
+    monkeypatch.setattr(rollout, "generate_rollouts", recording)
+    with pytest.raises(Drawn):
+        taxonomy.taxonomy("teacher", "student", "tokenizer", ["p"], 3, 37, temperature=0.3, top_p=0.77, seed=9,
+                          batch_size=5)
+    assert {k: calls[0][k] for k in ("n", "max_new_tokens", "temperature", "top_p", "seed", "batch_size")} == dict(
+        n=3, max_new_tokens=37, temperature=0.3, top_p=0.77, seed=9, batch_size=5)
+
+
 @pytest.mark.parametrize("path", ["hf", "engine", "conversations"])
 def test_model_generator_passes_every_setting_to_its_sampler(path, monkeypatch):
     """Each of model_generator's samplers (transformers generate, the vLLM engine, conversations with tools) gets

@@ -178,6 +178,20 @@ def test_load_prompts_from_jsonl(tmp_path, tokenizer, capsys):
     assert bare[0]["prompt"] == data.format_prompt(tokenizer, "1+2")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_a_local_prompt_file_is_one_split_whatever_the_split_flag(tmp_path, tokenizer, suffix):
+    """--prompt-split names a split of a hub dataset; a local file has one, read whole for any value."""
+    import datasets
+    rows = [{"problem": f"{a}+1", "answer": str(a + 1)} for a in range(5)]
+    path = tmp_path / f"p{suffix}"
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(path) if suffix == ".parquet" else table.to_json(path, lines=suffix == ".jsonl")
+    for split in ("train", "test", "validation"):
+        prompts = data.load_prompts(tip.Config(prompts=str(path), prompt_split=split, math_instruction=False),
+                                    tokenizer)
+        assert [p["answer"] for p in prompts] == [r["answer"] for r in rows], split
+
+
 def test_load_prompts_chat_messages_nested_answer_and_fields(tmp_path, tokenizer):
     dapo = ("Solve the following math problem step by step. The last line of your response should be of the form "
             "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\nWhat is 2+2?\n\n"

@@ -610,6 +610,34 @@ def test_two_resumes_after_sigterm_match_an_uninterrupted_run(pair_and_prompts, 
         assert torch.equal(straight[name], resumed[name]), name
     assert comparable(killed / "metrics.jsonl") == comparable(tmp_path / "straight" / "metrics.jsonl")
     assert not list(tmp_path.rglob("*.tmp"))
+    # without --save-every, a stopped run still leaves the checkpoint of the step it stopped after, and only it
+    draws["killed"] = []
+    train.main(cli(pair_and_prompts, tmp_path, "once"))
+    once = tmp_path / "once"
+    assert [p.name for p in once.glob("checkpoint-*")] == ["checkpoint-000002"] and not (once / "final").exists()
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: draws["killed"].append(torch.rand(1).item())
+                        or real_step(*a, **k))  # no signal this time
+    train.main(cli(pair_and_prompts, tmp_path, "once", "--resume"))
+    assert draws["killed"] == draws["straight"]
+    final = load_file(once / "final" / "model.safetensors")
+    assert all(torch.equal(final[name], straight[name]) for name in straight)
+
+
+def test_resume_reads_a_student_saved_in_several_safetensors_files(tmp_path, monkeypatch):
+    """save_pretrained splits a large model into shards (model-00001-of-0000N.safetensors and an index); a
+    checkpoint written that way resumes with every weight."""
+    import functools
+    _, student = make_pair()
+    optimizer = torch.optim.AdamW(student.parameters())
+    monkeypatch.setattr(type(student), "save_pretrained", functools.partialmethod(
+        type(student).save_pretrained, max_shard_size="20KB"))
+    checkpoint.save_checkpoint(tmp_path, 3, student, tokenizer(), optimizer)
+    assert len(list((tmp_path / "checkpoint-000003" / "model").glob("*.safetensors"))) > 2
+    want = {name: value.clone() for name, value in student.state_dict().items()}
+    fresh = make_pair(seed=7)[1]
+    assert any(not torch.equal(fresh.state_dict()[n], want[n]) for n in want)
+    assert checkpoint.resume_from(tmp_path / "checkpoint-000003", fresh, torch.optim.AdamW(fresh.parameters())) == 3
+    assert all(torch.equal(fresh.state_dict()[name], value) for name, value in want.items())
 
 
 def test_metrics_lines_carry_the_step_as_trained(pair_and_prompts, tmp_path, monkeypatch):
