@@ -124,6 +124,9 @@ class Config:
     eval_every: int = arg(0, "evaluate held-out accuracy every this many steps (0 = before and after only)")
     eval_samples: int = arg(1, "samples per held-out problem in the in-training evaluation (mean@k)")
     eval_problems: int = arg(0, "held-out problems in the in-training evaluation (0 = none)")
+    report_to: list[str] = arg([], "experiment trackers that get every metrics.jsonl line, the config and the held-out "
+                               "accuracy (several allowed; pip install -r requirements-trackers.txt)",
+                               ["tensorboard", "wandb", "trackio"])
 
 
 # The toy preset: the built-in pair on a 2-core CPU. Anything the user passes on the command line wins.

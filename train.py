@@ -30,6 +30,7 @@ import pair
 import rollout
 import score
 import tip
+import trackers
 import vllm_engine
 import worlds
 from rollout import Rollouts, generate_conversations, generate_rollouts
@@ -293,6 +294,7 @@ def parse_config(argv: list[str] | None = None) -> tip.Config:
         parser.error("--fsdp shards over processes: launch with torchrun")
     try:
         data.template_switches(config)
+        trackers.require(config.report_to)
         if config.engine == "vllm":
             vllm_engine.require_vllm()
     except tip.InputError as error:
@@ -354,22 +356,26 @@ def train(config: tip.Config, device) -> None:
         rho = config.ratio or tip.load_select().RULES[config.rule].default_ratio
         print(f"run folder {run_dir}; {len(prompts)} prompts; rule {config.rule} (ρ = {rho}); "
               f"{tip.world_size()} process(es)")
+    opened = trackers.open_trackers(config.report_to, run_dir, dataclasses.asdict(config), start_step) if master else []
 
     stop, skipped_in_a_row = [], 0  # SIGTERM / Ctrl-C: finish the step, save a checkpoint, exit cleanly
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        def held_out(when: str, step: int) -> None:
+            accuracy = evaluate.held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6,
+                                                  engine)
+            tip.log(f"held-out accuracy {when} training: {accuracy:.1%} ({len(eval_problems)} problems)")
+            for tracker in opened:
+                tracker.log(dict(step=step, held_out_accuracy=accuracy))
         if eval_problems and start_step == 0:
-            before = evaluate.held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
-            tip.log(f"held-out accuracy before training: {before:.1%} ({len(eval_problems)} problems)")
-        for step in tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master):
+            held_out("before", 0)
+        bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master)
+        for step in bar:
             record = run_step(step, student, teacher, tokenizer, optimizer, prompts, eval_problems, config, device,
                               engine)
             skipped_in_a_row = skipped_in_a_row + 1 if record["skipped"] else 0
-            if master:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if record["skipped"]:
-                    tqdm.write(f"step {step + 1} skipped: {record['skipped']}")
+            if master:  # metrics.jsonl, the trackers and the bar's numbers
+                trackers.log_step(run_dir, record, opened, bar)
             stop_now = tip.all_reduce_sum([float(bool(stop))], device)[0] > 0  # every rank stops at the same step
             give_up = skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW  # the same on every rank: skips are agreed
             if stop_now or give_up or (config.save_every and (step + 1) % config.save_every == 0):
@@ -385,12 +391,13 @@ def train(config: tip.Config, device) -> None:
         checkpoint.save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer)
         checkpoint.save_checkpoint(run_dir, config.steps, student, tokenizer, optimizer, final=True)
         if eval_problems:
-            after = evaluate.held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6, engine)
-            tip.log(f"held-out accuracy after training: {after:.1%} ({len(eval_problems)} problems)")
+            held_out("after", config.steps)
         tip.log(f"saved the student to {run_dir / 'final'}")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for tracker in opened:
+            tracker.close()
         if engine is not None:
             engine.close()
 

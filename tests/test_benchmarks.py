@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-BENCHMARKS = ("bench_score", "bench_step", "bench_micro_batches")
+BENCHMARKS = ("bench_score", "bench_step", "bench_micro_batches", "bench_uneven")
 # Each break is applied at the top of a wrapper script: the benchmark's children are forked from a server that
 # imported that script first, so they run the broken code too.
 BREAKS = {
@@ -16,6 +16,8 @@ BREAKS = {
     "bench_step": "negated_score_gradient",
     # the two-pass path divides its loss by twice the step's kept count: half the gradient of the single-forward path
     "bench_micro_batches": "two_pass_divides_twice",
+    # --micro-batch-tokens not reaching the packing (rows only): micro-batches of 8 padded rows exceed the budget
+    "bench_uneven": "micro_batches_ignore_budget",
 }
 PATCHES = {
     "negated_score_gradient": """
@@ -34,6 +36,13 @@ def divided_twice(student, teacher, batch, groups, kept_mask, teacher_rows, stud
     return real(student, teacher, batch, groups, kept_mask, teacher_rows, student_rows,
                 2 * kept_tokens if two_pass else kept_tokens, config)
 train.train_on_kept = divided_twice
+""",
+    "micro_batches_ignore_budget": """
+import data
+real = data.micro_batches
+def rows_only(prompt_lengths, response_lengths, max_rows, max_tokens=0, padding_free=False):
+    return real(prompt_lengths, response_lengths, max_rows, 0, padding_free)
+data.micro_batches = rows_only
 """,
 }
 

@@ -1,0 +1,163 @@
+"""train.py --report-to (trackers.py) read back by each tracker's own reader, and plot.py. The trackers are the
+optional installs of requirements-trackers.txt, which the README's test command installs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import plot
+import train
+from conftest import ROOT
+
+TIMING = ("seconds", "rollout_seconds", "tokens_per_second", "peak_memory_gb")
+
+
+@pytest.fixture(scope="module")
+def prompts_pair(tiny_pair):
+    rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
+    (tiny_pair / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tiny_pair
+
+
+def cli(folder, out_dir, run_name, *extra):
+    return ["--teacher", str(folder / "teacher"), "--student", str(folder / "student"),
+            "--prompts", str(folder / "prompts.jsonl"), "--no-math-instruction", "--prompts-per-step", "2",
+            "--rollouts-per-prompt", "2", "--max-response-len", "6", "--micro-batch-size", "3", "--lr", "1e-3",
+            "--chunk-size", "4", "--seed", "3", "--out-dir", str(out_dir), "--run-name", run_name, *extra]
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def numbers(line: dict) -> dict:
+    return {k: v for k, v in line.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def test_tensorboard_scalars_are_the_metrics_lines_and_a_resume_continues_them(prompts_pair, tmp_path):
+    """Every number of every metrics.jsonl line is a TensorBoard scalar at its step, read with TensorBoard's own
+    reader; the config is there once; a run resumed from step 2 of 4 leaves each step's value exactly once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train.main(cli(prompts_pair, tmp_path, "tb", "--steps", "2", "--report-to", "tensorboard"))
+    train.main(cli(prompts_pair, tmp_path, "tb", "--steps", "4", "--report-to", "tensorboard", "--resume"))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    lines = metrics(tmp_path / "tb")
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    for line in lines:
+        for key, value in numbers(line).items():
+            logged = [e for e in events.Scalars(key) if e.step == line["step"]]
+            assert len(logged) == 1 and logged[0].value == pytest.approx(value, rel=1e-6, abs=1e-12), (key, line)
+    assert set(events.Tags()["scalars"]) == {k for line in lines for k in numbers(line)}
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def run_elsewhere(env: dict, *argv) -> subprocess.CompletedProcess:
+    """train.py in a process of its own: a tracker's store is read from the environment at import."""
+    env = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def wandb_records(path):
+    """The records of a W&B transaction log (RUN/run-ID.wandb): a 7-byte header, then LevelDB's log format
+    (32 KiB blocks of chunks: checksum, length, type; full = 1, first/middle/last = 2/3/4), each record one of
+    W&B's own protobuf messages. wandb 0.31 ships no Python reader of its own offline files."""
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, block, pieces = 7, 32768, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        pieces += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            yield wandb_internal_pb2.Record.FromString(pieces)
+            pieces = b""
+
+
+def test_wandb_offline_run_holds_every_metrics_line_and_a_resume_reopens_it(prompts_pair, tmp_path):
+    """W&B, offline by default, in the run folder: the history of its runs holds every number of every
+    metrics.jsonl line at its step, the run's config is the run's, and a resume reopens the same run id."""
+    pytest.importorskip("wandb")
+    for extra in ([], ["--resume", "--steps", "3"]):
+        result = run_elsewhere({"WANDB_SILENT": "true"}, *cli(prompts_pair, tmp_path, "wb", "--steps", "2",
+                                                             "--report-to", "wandb", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    logs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = [record for log in logs for record in wandb_records(log)]
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert len(logs) == 2 and len({run.run_id for run in runs}) == 1
+    config = {u.key: json.loads(u.value_json) for u in runs[0].config.update}
+    assert config["rule"] == "type_aware" and config["steps"] == 2
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records
+               if r.WhichOneof("record_type") == "history"]
+    lines = metrics(tmp_path / "wb")
+    assert [h["_step"] for h in history] == [line["step"] for line in lines] == [1, 2, 3]
+    for logged, line in zip(history, lines):
+        for key, value in numbers(line).items():
+            assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_trackio_local_store_holds_every_metrics_line(prompts_pair, tmp_path):
+    """trackio's local store ($TRACKIO_DIR), read back with its own storage class: every line at its step."""
+    pytest.importorskip("trackio")
+    store = tmp_path / "trackio"
+    result = run_elsewhere({"TRACKIO_DIR": str(store)}, *cli(prompts_pair, tmp_path, "ta", "--steps", "3",
+                                                             "--report-to", "trackio"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = subprocess.run([sys.executable, "-c", "import json, sys; from trackio.sqlite_storage import SQLiteStorage;"
+                           "print(json.dumps({r: SQLiteStorage.get_logs('tip', r) for r in SQLiteStorage.get_runs("
+                           "'tip')}, default=str))"], env={**os.environ, "TRACKIO_DIR": str(store)},
+                          capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-3000:]
+    (run, logs), = json.loads(read.stdout.strip().splitlines()[-1]).items()
+    assert run == (tmp_path / "ta" / ".trackio-run-id").read_text()
+    lines = metrics(tmp_path / "ta")
+    by_step = {log["step"]: log for log in logs}
+    assert sorted(by_step) == [line["step"] for line in lines]
+    for line in lines:
+        for key, value in numbers(line).items():
+            assert by_step[line["step"]][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_model_loads(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit):
+        train.parse_config(["--report-to", "tensorboard", "wandb"])
+    assert "--report-to needs wandb: pip install -r requirements-trackers.txt" in capsys.readouterr().err
+
+
+def test_plot_draws_one_run_and_two_overlaid(prompts_pair, tmp_path):
+    """plot.py on one run and on two (a rule comparison): a picture each, every panel with its curves; a folder
+    without metrics.jsonl is a one-line error."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    for rule in ("type_aware", "entropy"):
+        train.main(cli(prompts_pair, tmp_path, rule, "--steps", "2", "--rule", rule))
+    curves = {}
+    for name, runs in (("one", ["type_aware"]), ("two", ["type_aware", "entropy"])):
+        out = tmp_path / f"{name}.png"
+        curves[name] = plot.plot([str(tmp_path / r) for r in runs], out)
+        image = matplotlib.image.imread(out)
+        assert image.shape[0] > 500 and image.shape[1] > 1000 and image[..., :3].std() > 0.05
+    # no held-out accuracy in these runs: every other field is a curve, once per run
+    assert curves["one"] == {title: len(fields) - (title.startswith("reward")) for title, fields in plot.PANELS}
+    assert curves["two"] == {title: 2 * n for title, n in curves["one"].items()}
+    plot.main([str(tmp_path / "type_aware"), "--out", str(tmp_path / "cli.png")])
+    assert (tmp_path / "cli.png").is_file()
+    steps, values = plot.series(metrics(tmp_path / "type_aware"), "loss")
+    assert steps == [1, 2] and values == [line["loss"] for line in metrics(tmp_path / "type_aware")]
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
