@@ -174,16 +174,33 @@ def rollout_share(step: int, num_prompts: int, config: tip.Config) -> list[int]:
 
 def balanced_owners(lengths: list[int], world_size: int) -> list[int]:
     """The rank that trains each of the step's rollouts (`lengths`: their tokens, every rank's rows in rank
-    order), so that ranks train about as many tokens each: longest first, each to the rank with the fewest tokens
-    so far (then the fewest rows, then the lowest rank). The longest-processing-time rule: within 4/3 of the best
-    split, and every rank gets a row when there are as many rows as ranks."""
+    order), so that ranks train about as many tokens each. Longest first, each to the rank with the fewest tokens
+    so far (then the fewest rows, then the lowest rank): the longest-processing-time rule, within 4/3 of the best
+    split, every rank with a row when there are as many rows as ranks. Then, while it brings them closer, the
+    busiest rank gives the lightest one a row, or trades one for a shorter row of it (the best such change first)."""
     tokens, rows, owners = [0] * world_size, [0] * world_size, [0] * len(lengths)
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         owner = min(range(world_size), key=lambda r: (tokens[r], rows[r], r))
         owners[i] = owner
         tokens[owner] += lengths[i]
         rows[owner] += 1
-    return owners
+    while True:  # each move or trade brings two loads closer, so this ends
+        busiest = max(range(world_size), key=lambda r: tokens[r])
+        lightest = min(range(world_size), key=lambda r: tokens[r])
+        theirs = [None] * (rows[busiest] > 1) + [j for j, o in enumerate(owners) if o == lightest]
+        gain = lambda i, j: lengths[i] - (0 if j is None else lengths[j])  # noqa: E731  (tokens moved)
+        best = max(((i, j) for i, o in enumerate(owners) if o == busiest for j in theirs
+                    if 0 < gain(i, j) and tokens[lightest] + gain(i, j) < tokens[busiest]),
+                   key=lambda pair: min(gain(*pair), tokens[busiest] - tokens[lightest] - gain(*pair)), default=None)
+        if best is None:
+            return owners
+        i, j = best
+        owners[i], tokens[busiest], tokens[lightest] = lightest, tokens[busiest] - gain(i, j), \
+            tokens[lightest] + gain(i, j)
+        if j is None:
+            rows[busiest], rows[lightest] = rows[busiest] - 1, rows[lightest] + 1
+        else:
+            owners[j] = busiest
 
 
 def micro_batches(prompt_lengths: list[int], response_lengths: list[int], max_rows: int,

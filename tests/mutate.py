@@ -220,6 +220,16 @@ MUTANTS = [
     Mutant("a local prompt file read as --prompt-split", "data.py",
            'data_files=str(path), split="train")', "data_files=str(path), split=config.prompt_split)",
            ("tests/test_tip.py", "-k", "one_split")),
+    # blind round 7
+    Mutant("FSDP2 ranks clip by their own shards' norm", "train.py", "    if sharded and tip.is_distributed():",
+           "    if replicated and tip.is_distributed():", ("tests/test_train.py", "-k", "ranks_match and fsdp")),
+    Mutant("a held-out stand-in problem is counted", "evaluate.py", 'correct = summary["accuracy"] * len(mine)',
+           'correct = summary["accuracy"] * len(work)', ("tests/test_train.py", "-k", "held_out_accuracy_over")),
+    Mutant("the memory verdict without its headroom", "benchmarks/estimate_memory.py",
+           "HEADROOM * args.gpu_memory_gib * GIB", "args.gpu_memory_gib * GIB",
+           ("tests/test_estimate_memory.py", "-k", "90_percent")),
+    Mutant("ranks balanced by sampled tokens only", "rollout.py", "[len(ids) for ids, *_ in rows]",
+           "[int(sampled.sum()) for _, sampled, *_ in rows]", ("tests/test_train.py", "-k", "rows_move")),
 ]
 
 

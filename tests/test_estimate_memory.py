@@ -95,6 +95,14 @@ def run_main(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_a_run_fits_when_its_peak_is_within_90_percent_of_the_gpu(capsys):
+    """The verdict is the stated rule: exit 0 at a peak up to 0.9 of --gpu-memory-gib, 1 above it."""
+    argv = ["--preset", "paper", "--fsdp", "--gpus", "8", "--gpu-memory-gib"]
+    peak = float(run_main(capsys, *argv, "1000")[1].strip().splitlines()[-1].split()[-2])
+    assert run_main(capsys, *argv, f"{peak / 0.95:.3f}")[0] == 1  # fits the GPU, not its 90 %
+    assert run_main(capsys, *argv, f"{peak / 0.85:.3f}")[0] == 0
+
+
 def test_the_paper_run_fits_8_gpus_of_80_gb_with_fsdp_only(capsys):
     code, out, _ = run_main(capsys, "--preset", "paper", "--fsdp", "--gpus", "8", "--gpu-memory-gib", "80")
     last = out.strip().splitlines()[-1]

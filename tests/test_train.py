@@ -17,7 +17,7 @@ import score
 import tip
 import train
 from conftest import ROOT
-from train_worker import config, make_batch, make_pair, one_step, tokenizer
+from train_worker import CLIP, config, held_out_answers, make_batch, make_pair, one_step, tokenizer
 
 SEL = tip.load_select()
 
@@ -410,7 +410,9 @@ def test_ranks_match_one_process(tmp_path, mode, nproc):
                 assert torch.equal(ranks[0]["update"][name], other["update"][name]), f"ranks disagree on {name}"
         torch.testing.assert_close(ranks[0]["update"][name], update, atol=1e-4 * update.abs().max().item(),
                                    rtol=1e-3, msg=name)
+    assert reference_metrics["grad_norm"] > 2 * CLIP  # the clip binds: a norm that is not global would show
     for other in ranks:
+        assert other["metrics"]["grad_norm"] == pytest.approx(reference_metrics["grad_norm"], rel=1e-5)
         assert other["metrics"]["kept_tokens"] == reference_metrics["kept_tokens"]
         assert other["metrics"]["loss"] == pytest.approx(reference_metrics["loss"], rel=1e-5)
 
@@ -428,10 +430,11 @@ def test_fsdp_layers_are_back_in_their_shards_after_every_step(tmp_path):
 
 
 def test_rows_move_between_ranks_so_each_trains_about_as_many_tokens(tmp_path):
-    """9 rollouts of very uneven lengths on 3 processes: after balancing, every rollout is on exactly one rank with
-    its tokens, sampled mask, mistake mask and prompt length, laid out as rollout.py lays rollouts out (prompts
-    left-padded, responses right-padded, so every row's response starts in one column); the busiest rank's tokens
-    are within 4/3 of the best split (found by trying all 3^9), and below the contiguous shares'."""
+    """9 rollouts of very uneven lengths on 3 processes, the longest on rank 0: after balancing, every rollout is
+    on exactly one rank with its tokens, sampled mask, mistake mask and prompt length, laid out as rollout.py lays
+    rollouts out (prompts left-padded, responses right-padded, so every row's response starts in one column); the
+    busiest rank's tokens are within 5 % of the best split (found by trying all 3^9) and below the contiguous
+    shares'."""
     import itertools
 
     result = torchrun(3, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "balance")
@@ -454,7 +457,7 @@ def test_rows_move_between_ranks_so_each_trains_about_as_many_tokens(tmp_path):
     lengths = real.sum(1).tolist()
     best = min(max(sum(l for l, o in zip(lengths, owners) if o == r) for r in range(3))
                for owners in itertools.product(range(3), repeat=9))
-    assert max(loads) <= 4 / 3 * best and max(loads) < max(rank["before"] for rank in ranks)
+    assert max(loads) <= 1.05 * best and max(loads) < max(rank["before"] for rank in ranks)
 
 
 @pytest.mark.parametrize("world_size", [4, 8])
@@ -534,7 +537,7 @@ def test_held_out_accuracy_over_ranks_is_that_of_the_whole_set(tmp_path, mode, n
     result = torchrun(nproc, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), mode, str(problems),
                       timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    want = sum([(a * b) % 3 == 1 for a in range(4) for b in range(3)][:problems]) / problems
+    want = sum(answer == "1" for *_, answer in held_out_answers()[:problems]) / problems
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)] == [pytest.approx(want)] * nproc
 
 

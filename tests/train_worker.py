@@ -74,11 +74,27 @@ def config(**overrides) -> tip.Config:
     return tip.Config(**{**base, **overrides})
 
 
+def held_out_answers() -> list[tuple[int, int, str]]:
+    """(a, b, answer) of the held_out problems, right ones ("1") first: a stand-in problem that was counted would
+    raise the accuracy."""
+    return sorted(((a, b, str((a * b) % 3)) for a in range(4) for b in range(3)), key=lambda p: p[2] != "1")
+
+
+def longest_first(batch: Rollouts) -> Rollouts:
+    """The rows sorted by length, longest first: contiguous shares are then as uneven as they get."""
+    order = batch.attention_mask.sum(1).argsort(descending=True, stable=True)
+    return Rollouts(*(None if field is None else field[order] if torch.is_tensor(field) else [field[i] for i in order]
+                      for field in batch))
+
+
 def rank_share(batch: Rollouts) -> Rollouts:
     """This rank's contiguous share of the rows, as data.rollout_share cuts a step (7 rows on 3 ranks: 2, 3, 2)."""
     share = batch.input_ids.shape[0] / tip.world_size()
     rows = slice(round(tip.rank() * share), round((tip.rank() + 1) * share))
     return Rollouts(*(None if field is None else field[rows] for field in batch))
+
+
+CLIP = 0.02  # the step's gradient norm is about 0.045: the clip binds, so every rank must clip by the global norm
 
 
 def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7, tool_results: bool = False
@@ -95,7 +111,7 @@ def one_step(fsdp: bool = False, micro_batch_size: int = 64, rows: int = 7, tool
     # noise in near-zero gradient entries). lr 1000 makes updates of ~1e-3, far above the weights' float32
     # resolution (~1e-9 at 0.02), so after − before is the update to ~1e-6 of its size.
     optimizer = torch.optim.SGD(student.parameters())
-    metrics = train.train_step(student, teacher, batch, optimizer, config(grad_clip=0.05, lr=1000.0,
+    metrics = train.train_step(student, teacher, batch, optimizer, config(grad_clip=CLIP, lr=1000.0,
                                micro_batch_size=micro_batch_size), 0, None)
     after = checkpoint.full_state(student, optimizer)[0]
     return {name: after[name] - before[name] for name in after}, metrics
@@ -150,7 +166,7 @@ def worker() -> None:
         if tip.rank() == 0:
             torch.save(dict(model=model_state, optimizer=optimizer_state), out_dir / f"{mode}.pt")
     elif mode == "balance":  # 9 rollouts of very uneven lengths over 3 ranks, moved so ranks train alike
-        batch = rank_share(make_batch(rows=9, length=40, seed=11, tool_results=True))
+        batch = rank_share(longest_first(make_batch(rows=9, length=40, seed=11, tool_results=True)))
         mistakes = batch.response_mask & (batch.input_ids % 3 == 0)
         moved, moved_mistakes = rollout.balance_over_ranks(batch, mistakes)
         real = moved.attention_mask.bool()
@@ -213,8 +229,8 @@ def worker() -> None:
         _, student = make_pair()
         if mode == "held_out_fsdp":
             tip.shard_with_fsdp(student, torch.float32)
-        problems = [{"prompt": data.format_prompt(tokenizer(), f"{a}+{b}="), "answer": str((a * b) % 3)}
-                    for a in range(4) for b in range(3)][:int(sys.argv[3]) if len(sys.argv) > 3 else None]
+        problems = [{"prompt": data.format_prompt(tokenizer(), f"{a}+{b}="), "answer": answer}
+                    for a, b, answer in held_out_answers()][:int(sys.argv[3]) if len(sys.argv) > 3 else None]
         accuracy = evaluate.held_out_accuracy(student, tokenizer(), problems,
                                               config(max_response_len=4, temperature=0.0), seed=0)
         (out_dir / f"rank{tip.rank()}.json").write_text(json.dumps(accuracy))
