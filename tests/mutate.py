@@ -230,6 +230,16 @@ MUTANTS = [
            ("tests/test_estimate_memory.py", "-k", "90_percent")),
     Mutant("ranks balanced by sampled tokens only", "rollout.py", "[len(ids) for ids, *_ in rows]",
            "[int(sampled.sum()) for _, sampled, *_ in rows]", ("tests/test_train.py", "-k", "rows_move")),
+    # the blind round of the trackers and plot.py
+    Mutant("trackers log booleans", "trackers.py", "isinstance(value, (int, float)) and not isinstance(value, bool)}",
+           "isinstance(value, (int, float))}", ("tests/test_trackers.py", "-k", "numbers_of_the_line")),
+    Mutant("the plot's kept and all quadrant curves swapped", "plot.py",
+           '[(f"q{q}_share_kept", f"Q{q} kept", "-")', '[(f"q{q}_share", f"Q{q} kept", "-")',
+           ("tests/test_trackers.py", "-k", "plot")),
+    Mutant("tensorboard assumed installed", "trackers.py", "for name in names if importlib",
+           'for name in names if name != "tensorboard" and importlib', ("tests/test_trackers.py", "-k", "refused")),
+    Mutant("the bar's kl shows the loss", "trackers.py", 'kl=record.get("mean_reverse_kl")', 'kl=record.get("loss")',
+           ("tests/test_trackers.py", "-k", "numbers_of_the_line")),
 ]
 
 

@@ -129,13 +129,29 @@ def test_trackio_local_store_holds_every_metrics_line(prompts_pair, tmp_path):
             assert by_step[line["step"]][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
-def test_a_tracker_that_is_not_installed_is_refused_before_any_model_loads(monkeypatch, capsys):
+@pytest.mark.parametrize("missing", ["tensorboard", "wandb", "trackio"])
+def test_a_tracker_that_is_not_installed_is_refused_before_any_model_loads(monkeypatch, capsys, missing):
     import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else object())
     with pytest.raises(SystemExit):
-        train.parse_config(["--report-to", "tensorboard", "wandb"])
-    assert "--report-to needs wandb: pip install -r requirements-trackers.txt" in capsys.readouterr().err
+        train.parse_config(["--report-to", "tensorboard", "wandb", "trackio"])
+    assert f"--report-to needs {missing}: pip install -r requirements-trackers.txt" in capsys.readouterr().err
+    train.parse_config(["--report-to", *(t for t in ("tensorboard", "wandb", "trackio") if t != missing)])
+
+
+def test_a_tracker_gets_the_numbers_of_the_line_and_the_bar_shows_its_own(tmp_path):
+    """What reaches a tracker is exactly a line's numbers (no step, text, None or booleans); the progress bar's
+    numbers are the line's loss, mean δ, kept fraction, reward and tokens per second."""
+    import trackers
+    record = dict(step=3, loss=0.5, mean_reverse_kl=0.25, kept_fraction=0.4, reward=0.75, tokens_per_second=123.0,
+                  kept_tokens=4, skipped="", grad_norm=None, flag=True)
+    logged, shown = [], {}
+    bar = type("Bar", (), {"set_postfix": lambda self, values, refresh=True: shown.update(values)})()
+    trackers.log_step(tmp_path, record, [trackers.Tracker(logged.append, lambda: None)], bar)
+    assert trackers.scalars(record) == dict(loss=0.5, mean_reverse_kl=0.25, kept_fraction=0.4, reward=0.75,
+                                            tokens_per_second=123.0, kept_tokens=4.0)
+    assert logged == [record] and metrics(tmp_path) == [record]
+    assert {k: float(v) for k, v in shown.items()} == dict(loss=0.5, kl=0.25, kept=0.4, reward=0.75, tok_s=123.0)
 
 
 def test_plot_draws_one_run_and_two_overlaid(prompts_pair, tmp_path):
@@ -151,9 +167,19 @@ def test_plot_draws_one_run_and_two_overlaid(prompts_pair, tmp_path):
         curves[name] = plot.plot([str(tmp_path / r) for r in runs], out)
         image = matplotlib.image.imread(out)
         assert image.shape[0] > 500 and image.shape[1] > 1000 and image[..., :3].std() > 0.05
-    # no held-out accuracy in these runs: every other field is a curve, once per run
-    assert curves["one"] == {title: len(fields) - (title.startswith("reward")) for title, fields in plot.PANELS}
-    assert curves["two"] == {title: 2 * n for title, n in curves["one"].items()}
+    # no held-out accuracy in these runs: every other field is a curve, once per run, drawn from its own field
+    assert {t: len(c) for t, c in curves["one"].items()} == {
+        title: len(fields) - (title.startswith("reward")) for title, fields in plot.PANELS}
+    assert {t: len(c) for t, c in curves["two"].items()} == {t: 2 * len(c) for t, c in curves["one"].items()}
+    lines = {rule: metrics(tmp_path / rule) for rule in ("type_aware", "entropy")}
+    quadrants = curves["two"]["quadrant shares: kept (solid), all (dotted)"]
+    for rule in lines:
+        for q in range(1, 5):
+            assert quadrants[f"{rule}: Q{q} kept"] == [line[f"q{q}_share_kept"] for line in lines[rule]]
+            assert quadrants[f"{rule}: Q{q} all"] == [line[f"q{q}_share"] for line in lines[rule]]
+        assert curves["two"]["loss and mean reverse KL"][f"{rule}: mean δ"] == [
+            line["mean_reverse_kl"] for line in lines[rule]]
+        assert curves["two"]["kept fraction"][f"{rule}: kept"] == [line["kept_fraction"] for line in lines[rule]]
     plot.main([str(tmp_path / "type_aware"), "--out", str(tmp_path / "cli.png")])
     assert (tmp_path / "cli.png").is_file()
     steps, values = plot.series(metrics(tmp_path / "type_aware"), "loss")
