@@ -240,6 +240,12 @@ MUTANTS = [
            'for name in names if name != "tensorboard" and importlib', ("tests/test_trackers.py", "-k", "refused")),
     Mutant("the bar's kl shows the loss", "trackers.py", 'kl=record.get("mean_reverse_kl")', 'kl=record.get("loss")',
            ("tests/test_trackers.py", "-k", "numbers_of_the_line")),
+    Mutant("the held-out accuracy before training logged at step 1", "train.py", 'held_out("before", 0)',
+           'held_out("before", 1)', ("tests/test_trackers.py", "-k", "held_out_accuracy_at")),
+    Mutant("the trackers are never closed", "train.py", "            tracker.close()\n", "            pass\n",
+           ("tests/test_trackers.py", "-k", "held_out_accuracy_at")),
+    Mutant("TensorBoard's config written on resume only", "trackers.py", "    if not start_step:\n        writer",
+           "    if start_step:\n        writer", ("tests/test_trackers.py", "-k", "tensorboard_scalars")),
 ]
 
 

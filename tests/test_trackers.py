@@ -43,6 +43,8 @@ def test_tensorboard_scalars_are_the_metrics_lines_and_a_resume_continues_them(p
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     train.main(cli(prompts_pair, tmp_path, "tb", "--steps", "2", "--report-to", "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    assert len(events.Reload().Tensors("config/text_summary")) == 1  # the config, once, by the fresh run
     train.main(cli(prompts_pair, tmp_path, "tb", "--steps", "4", "--report-to", "tensorboard", "--resume"))
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
@@ -53,7 +55,7 @@ def test_tensorboard_scalars_are_the_metrics_lines_and_a_resume_continues_them(p
             logged = [e for e in events.Scalars(key) if e.step == line["step"]]
             assert len(logged) == 1 and logged[0].value == pytest.approx(value, rel=1e-6, abs=1e-12), (key, line)
     assert set(events.Tags()["scalars"]) == {k for line in lines for k in numbers(line)}
-    assert "config/text_summary" in events.Tags()["tensors"]
+    assert len(events.Tensors("config/text_summary")) == 1  # written by the fresh run, not again on resume
 
 
 def run_elsewhere(env: dict, *argv) -> subprocess.CompletedProcess:
@@ -137,6 +139,31 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_model_loads(monke
         train.parse_config(["--report-to", "tensorboard", "wandb", "trackio"])
     assert f"--report-to needs {missing}: pip install -r requirements-trackers.txt" in capsys.readouterr().err
     train.parse_config(["--report-to", *(t for t in ("tensorboard", "wandb", "trackio") if t != missing)])
+
+
+def test_trackers_get_every_line_and_the_held_out_accuracy_at_its_step_and_are_closed(prompts_pair, tmp_path,
+                                                                                      monkeypatch):
+    """On rank 0 each opened tracker gets the held-out accuracy before training at step 0, every step's line, the
+    accuracy after training at the last step, and is closed once, also when the run stops on a signal."""
+    import signal
+    import evaluate
+    import trackers
+    import worlds
+    logged, closed = [], []
+    monkeypatch.setattr(trackers, "open_trackers", lambda names, run_dir, config, start_step: [
+        trackers.Tracker(logged.append, lambda: closed.append(start_step))])
+    monkeypatch.setattr(worlds, "held_out_problems", lambda config, tokenizer: [{"prompt": "1+1=", "answer": "2"}])
+    accuracies = iter([0.25, 0.5, 0.75, 1.0])
+    monkeypatch.setattr(evaluate, "held_out_accuracy", lambda *a, **k: next(accuracies))
+    train.main(cli(prompts_pair, tmp_path, "held", "--steps", "2", "--eval-every", "2", "--report-to", "tensorboard"))
+    lines = metrics(tmp_path / "held")
+    assert logged == [dict(step=0, held_out_accuracy=0.25), *lines, dict(step=2, held_out_accuracy=0.75)]
+    assert lines[1]["held_out_accuracy"] == 0.5 and closed == [0]
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)
+                        or real_step(*a, **k))
+    train.main(cli(prompts_pair, tmp_path, "stopped", "--steps", "3", "--report-to", "tensorboard"))
+    assert closed == [0, 0] and (tmp_path / "stopped" / "checkpoint-000001").is_dir()
 
 
 def test_a_tracker_gets_the_numbers_of_the_line_and_the_bar_shows_its_own(tmp_path):
