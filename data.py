@@ -184,11 +184,13 @@ def balanced_owners(lengths: list[int], world_size: int) -> list[int]:
         owners[i] = owner
         tokens[owner] += lengths[i]
         rows[owner] += 1
+
+    def gain(i: int, j: int | None) -> int:  # the tokens that move when row i goes over (for row j, if a trade)
+        return lengths[i] - (0 if j is None else lengths[j])
     while True:  # each move or trade brings two loads closer, so this ends
         busiest = max(range(world_size), key=lambda r: tokens[r])
         lightest = min(range(world_size), key=lambda r: tokens[r])
         theirs = [None] * (rows[busiest] > 1) + [j for j, o in enumerate(owners) if o == lightest]
-        gain = lambda i, j: lengths[i] - (0 if j is None else lengths[j])  # noqa: E731  (tokens moved)
         best = max(((i, j) for i, o in enumerate(owners) if o == busiest for j in theirs
                     if 0 < gain(i, j) and tokens[lightest] + gain(i, j) < tokens[busiest]),
                    key=lambda pair: min(gain(*pair), tokens[busiest] - tokens[lightest] - gain(*pair)), default=None)

@@ -1,4 +1,5 @@
 """Tests run offline, from the project root, on tiny models built from configs."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -64,3 +65,35 @@ def tiny_pair(tmp_path_factory) -> Path:
         tiny_causal_lm(tokenizer, hidden, seed=seed).save_pretrained(folder / role)
         tokenizer.save_pretrained(folder / role)
     return folder
+
+
+@pytest.fixture(scope="session")
+def pair_and_prompts(tiny_pair):
+    """The tiny saved pair and a local prompt file with answers, as a user would pass them."""
+    rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
+    (tiny_pair / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tiny_pair
+
+
+def cli(folder, out_dir, run_name, *extra):
+    """train.py's command line for the tiny pair and its prompts: 4 short steps unless `extra` says otherwise
+    (a flag given again wins)."""
+    return ["--teacher", str(folder / "teacher"), "--student", str(folder / "student"),
+            "--prompts", str(folder / "prompts.jsonl"), "--no-math-instruction", "--steps", "4",
+            "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-response-len", "6",
+            "--micro-batch-size", "3", "--lr", "1e-3", "--chunk-size", "4", "--seed", "3",
+            "--out-dir", str(out_dir), "--run-name", run_name, *extra]
+
+
+def recording(real, calls: list, answer=lambda arguments: None):
+    """Stands in for `real`: appends each call's arguments to `calls` by parameter name (defaults filled in),
+    and returns answer(those arguments)."""
+    import inspect
+    signature = inspect.signature(real)
+
+    def stand_in(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return answer(calls[-1])
+    return stand_in

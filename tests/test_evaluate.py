@@ -18,7 +18,7 @@ import worlds
 import evaluate
 import pair
 import tip
-from conftest import ROOT
+from conftest import ROOT, recording
 from grade import extract_boxed, is_correct
 
 
@@ -267,14 +267,9 @@ def test_every_sampling_flag_reaches_the_sampler_and_the_defaults_are_the_docume
     """evaluate.py's flags arrive at model_generator and at the generate call as given; left out, they are the
     documented defaults: mean@16 at temperature 1.0 and top-p 1.0 (§7.1), 8,192 tokens, seed 0; the taxonomy's
     samples: 4."""
-    import inspect
     seen = []
-    real = evaluate.model_generator
-
-    def recorder(*args, **kwargs):
-        seen.append(inspect.signature(real).bind(*args, **kwargs).arguments)
-        return lambda prompts, n: seen[-1].setdefault("n", n) and ["\\boxed{0}"] * (len(prompts) * n)
-    monkeypatch.setattr(evaluate, "model_generator", recorder)
+    monkeypatch.setattr(evaluate, "model_generator", recording(evaluate.model_generator, seen, lambda arguments: (
+        lambda prompts, n: arguments.setdefault("n", n) and ["\\boxed{0}"] * (len(prompts) * n))))
     (tmp_path / "p.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
     base = ["--model", str(tiny_pair / "student"), "--data", str(tmp_path / "p.jsonl"), "--out",
             str(tmp_path / "out.json"), "--device", "cpu"]
@@ -295,19 +290,15 @@ def test_every_sampling_flag_reaches_the_sampler_and_the_defaults_are_the_docume
 
 def test_the_taxonomy_passes_every_setting_to_its_sampler(monkeypatch):
     """taxonomy.taxonomy's rollouts are drawn with its own samples, length, temperature, top-p, seed and batch."""
-    import inspect
     import rollout
     calls = []
 
     class Drawn(Exception):
         pass
 
-    signature = inspect.signature(rollout.generate_rollouts)
-
-    def recording(*args, **kwargs):
-        calls.append(signature.bind(*args, **kwargs).arguments)
+    def stop(arguments):
         raise Drawn
-    monkeypatch.setattr(rollout, "generate_rollouts", recording)
+    monkeypatch.setattr(rollout, "generate_rollouts", recording(rollout.generate_rollouts, calls, stop))
     with pytest.raises(Drawn):
         taxonomy.taxonomy("teacher", "student", "tokenizer", ["p"], 3, 37, temperature=0.3, top_p=0.77, seed=9,
                           batch_size=5)
@@ -320,26 +311,21 @@ def test_model_generator_passes_every_setting_to_its_sampler(path, monkeypatch):
     """Each of model_generator's samplers (transformers generate, the vLLM engine, conversations with tools) gets
     the length, temperature, top-p, n, batch size (turn limit and template switches for conversations) as
     given, and seed + the call's number."""
-    import inspect
     import rollout
     calls = []
 
-    def recording(real):
-        def sampler(*args, **kwargs):
-            bound = inspect.signature(real).bind(*args, **kwargs)
-            bound.apply_defaults()
-            calls.append(dict(bound.arguments))
-            rows = len(calls[-1].get("prompts") or calls[-1].get("tasks")) * calls[-1]["n"]
-            return types.SimpleNamespace(texts=["x"] * rows, conversations=[[{"role": "assistant", "content": "x"}]]
-                                         * rows)
-        return sampler
-    monkeypatch.setattr(rollout, "generate_rollouts", recording(rollout.generate_rollouts))
-    monkeypatch.setattr(rollout, "generate_conversations", recording(rollout.generate_conversations))
+    def rollouts(arguments):  # as many texts (and conversations) as the call asks for
+        rows = len(arguments.get("prompts") or arguments.get("tasks")) * arguments["n"]
+        return types.SimpleNamespace(texts=["x"] * rows,
+                                     conversations=[[{"role": "assistant", "content": "x"}]] * rows)
+    monkeypatch.setattr(rollout, "generate_rollouts", recording(rollout.generate_rollouts, calls, rollouts))
+    monkeypatch.setattr(rollout, "generate_conversations", recording(rollout.generate_conversations, calls, rollouts))
 
     class Engine:
         def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed=None):
-            return recording(Engine.generate)(self, prompts, n, max_new_tokens, temperature, top_p, seed=seed)
-    tasks = {"p": rollout.Task([{"role": "user", "content": "p"}]), "q": rollout.Task([{"role": "user", "content": "q"}])}
+            return recording(Engine.generate, calls, rollouts)(self, prompts, n, max_new_tokens, temperature, top_p,
+                                                               seed=seed)
+    tasks = {name: rollout.Task([{"role": "user", "content": name}]) for name in ("p", "q")}
     generate = evaluate.model_generator("model", "tokenizer", 37, 0.3, 0.77, 900, 5, Engine() if path == "engine"
                                         else None, tasks if path == "conversations" else None, 3, {"switch": 1})
     for _ in range(2):

@@ -9,23 +9,9 @@ import pytest
 
 import plot
 import train
-from conftest import ROOT
+from conftest import ROOT, cli
 
 TIMING = ("seconds", "rollout_seconds", "tokens_per_second", "peak_memory_gb")
-
-
-@pytest.fixture(scope="module")
-def prompts_pair(tiny_pair):
-    rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
-    (tiny_pair / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tiny_pair
-
-
-def cli(folder, out_dir, run_name, *extra):
-    return ["--teacher", str(folder / "teacher"), "--student", str(folder / "student"),
-            "--prompts", str(folder / "prompts.jsonl"), "--no-math-instruction", "--prompts-per-step", "2",
-            "--rollouts-per-prompt", "2", "--max-response-len", "6", "--micro-batch-size", "3", "--lr", "1e-3",
-            "--chunk-size", "4", "--seed", "3", "--out-dir", str(out_dir), "--run-name", run_name, *extra]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -37,15 +23,15 @@ def numbers(line: dict) -> dict:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def test_tensorboard_scalars_are_the_metrics_lines_and_a_resume_continues_them(prompts_pair, tmp_path):
+def test_tensorboard_scalars_are_the_metrics_lines_and_a_resume_continues_them(pair_and_prompts, tmp_path):
     """Every number of every metrics.jsonl line is a TensorBoard scalar at its step, read with TensorBoard's own
     reader; the config is there once; a run resumed from step 2 of 4 leaves each step's value exactly once."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train.main(cli(prompts_pair, tmp_path, "tb", "--steps", "2", "--report-to", "tensorboard"))
+    train.main(cli(pair_and_prompts, tmp_path, "tb", "--steps", "2", "--report-to", "tensorboard"))
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     assert len(events.Reload().Tensors("config/text_summary")) == 1  # the config, once, by the fresh run
-    train.main(cli(prompts_pair, tmp_path, "tb", "--steps", "4", "--report-to", "tensorboard", "--resume"))
+    train.main(cli(pair_and_prompts, tmp_path, "tb", "--steps", "4", "--report-to", "tensorboard", "--resume"))
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     lines = metrics(tmp_path / "tb")
@@ -85,12 +71,12 @@ def wandb_records(path):
             pieces = b""
 
 
-def test_wandb_offline_run_holds_every_metrics_line_and_a_resume_reopens_it(prompts_pair, tmp_path):
+def test_wandb_offline_run_holds_every_metrics_line_and_a_resume_reopens_it(pair_and_prompts, tmp_path):
     """W&B, offline by default, in the run folder: the history of its runs holds every number of every
     metrics.jsonl line at its step, the run's config is the run's, and a resume reopens the same run id."""
     pytest.importorskip("wandb")
     for extra in ([], ["--resume", "--steps", "3"]):
-        result = run_elsewhere({"WANDB_SILENT": "true"}, *cli(prompts_pair, tmp_path, "wb", "--steps", "2",
+        result = run_elsewhere({"WANDB_SILENT": "true"}, *cli(pair_and_prompts, tmp_path, "wb", "--steps", "2",
                                                              "--report-to", "wandb", *extra))
         assert result.returncode == 0, result.stderr[-3000:]
     logs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -109,11 +95,11 @@ def test_wandb_offline_run_holds_every_metrics_line_and_a_resume_reopens_it(prom
             assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
-def test_trackio_local_store_holds_every_metrics_line(prompts_pair, tmp_path):
+def test_trackio_local_store_holds_every_metrics_line(pair_and_prompts, tmp_path):
     """trackio's local store ($TRACKIO_DIR), read back with its own storage class: every line at its step."""
     pytest.importorskip("trackio")
     store = tmp_path / "trackio"
-    result = run_elsewhere({"TRACKIO_DIR": str(store)}, *cli(prompts_pair, tmp_path, "ta", "--steps", "3",
+    result = run_elsewhere({"TRACKIO_DIR": str(store)}, *cli(pair_and_prompts, tmp_path, "ta", "--steps", "3",
                                                              "--report-to", "trackio"))
     assert result.returncode == 0, result.stderr[-3000:]
     read = subprocess.run([sys.executable, "-c", "import json, sys; from trackio.sqlite_storage import SQLiteStorage;"
@@ -141,8 +127,8 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_model_loads(monke
     train.parse_config(["--report-to", *(t for t in ("tensorboard", "wandb", "trackio") if t != missing)])
 
 
-def test_trackers_get_every_line_and_the_held_out_accuracy_at_its_step_and_are_closed(prompts_pair, tmp_path,
-                                                                                      monkeypatch):
+def test_trackers_get_every_line_and_the_held_out_accuracy_at_its_step_and_are_closed(pair_and_prompts,
+                                                                                      tmp_path, monkeypatch):
     """On rank 0 each opened tracker gets the held-out accuracy before training at step 0, every step's line, the
     accuracy after training at the last step, and is closed once, also when the run stops on a signal."""
     import signal
@@ -155,14 +141,15 @@ def test_trackers_get_every_line_and_the_held_out_accuracy_at_its_step_and_are_c
     monkeypatch.setattr(worlds, "held_out_problems", lambda config, tokenizer: [{"prompt": "1+1=", "answer": "2"}])
     accuracies = iter([0.25, 0.5, 0.75, 1.0])
     monkeypatch.setattr(evaluate, "held_out_accuracy", lambda *a, **k: next(accuracies))
-    train.main(cli(prompts_pair, tmp_path, "held", "--steps", "2", "--eval-every", "2", "--report-to", "tensorboard"))
+    train.main(cli(pair_and_prompts, tmp_path, "held", "--steps", "2", "--eval-every", "2", "--report-to",
+                   "tensorboard"))
     lines = metrics(tmp_path / "held")
     assert logged == [dict(step=0, held_out_accuracy=0.25), *lines, dict(step=2, held_out_accuracy=0.75)]
     assert lines[1]["held_out_accuracy"] == 0.5 and closed == [0]
     real_step = train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)
                         or real_step(*a, **k))
-    train.main(cli(prompts_pair, tmp_path, "stopped", "--steps", "3", "--report-to", "tensorboard"))
+    train.main(cli(pair_and_prompts, tmp_path, "stopped", "--steps", "3", "--report-to", "tensorboard"))
     assert closed == [0, 0] and (tmp_path / "stopped" / "checkpoint-000001").is_dir()
 
 
@@ -181,13 +168,13 @@ def test_a_tracker_gets_the_numbers_of_the_line_and_the_bar_shows_its_own(tmp_pa
     assert {k: float(v) for k, v in shown.items()} == dict(loss=0.5, kl=0.25, kept=0.4, reward=0.75, tok_s=123.0)
 
 
-def test_plot_draws_one_run_and_two_overlaid(prompts_pair, tmp_path):
+def test_plot_draws_one_run_and_two_overlaid(pair_and_prompts, tmp_path):
     """plot.py on one run and on two (a rule comparison): a picture each, every panel with its curves; a folder
     without metrics.jsonl is a one-line error."""
     pytest.importorskip("matplotlib")
     import matplotlib.image
     for rule in ("type_aware", "entropy"):
-        train.main(cli(prompts_pair, tmp_path, rule, "--steps", "2", "--rule", rule))
+        train.main(cli(pair_and_prompts, tmp_path, rule, "--steps", "2", "--rule", rule))
     curves = {}
     for name, runs in (("one", ["type_aware"]), ("two", ["type_aware", "entropy"])):
         out = tmp_path / f"{name}.png"

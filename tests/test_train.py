@@ -16,7 +16,7 @@ import pair
 import score
 import tip
 import train
-from conftest import ROOT
+from conftest import ROOT, cli, recording
 from train_worker import CLIP, config, held_out_answers, make_batch, make_pair, one_step, tokenizer
 
 SEL = tip.load_select()
@@ -315,23 +315,16 @@ def test_sample_rollouts_passes_every_setting_to_its_sampler(path, monkeypatch):
     """train.py's flags reach each sampler as given: --max-response-len, --temperature, --top-p, one rollout
     per listed prompt (the share already repeats each prompt --rollouts-per-prompt times), the step's seed,
     and for conversations --max-turns and the chat-template switches."""
-    import inspect
     import rollout
     calls = []
-
-    def recording(real):
-        def sampler(*args, **kwargs):
-            bound = inspect.signature(real).bind(*args, **kwargs)
-            bound.apply_defaults()
-            calls.append(dict(bound.arguments))
-            return "rollouts"
-        return sampler
-    monkeypatch.setattr(train, "generate_rollouts", recording(rollout.generate_rollouts))
-    monkeypatch.setattr(train, "generate_conversations", recording(rollout.generate_conversations))
+    monkeypatch.setattr(train, "generate_rollouts", recording(rollout.generate_rollouts, calls, lambda _: "rollouts"))
+    monkeypatch.setattr(train, "generate_conversations", recording(rollout.generate_conversations, calls,
+                                                                   lambda _: "rollouts"))
 
     class Engine:
         def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed=None):
-            return recording(Engine.generate)(self, prompts, n, max_new_tokens, temperature, top_p, seed=seed)
+            return recording(Engine.generate, calls, lambda _: "rollouts")(self, prompts, n, max_new_tokens,
+                                                                         temperature, top_p, seed=seed)
 
         def sleep(self):
             calls[-1]["slept"] = True
@@ -553,22 +546,6 @@ def test_fsdp_sampling_of_uneven_ranks_finishes_and_equals_the_whole_model(tmp_p
     assert len({rank["width"] for rank in ranks}) == 4
     assert [rank["assistant_turns"] for rank in ranks] == [1, 2, 3, 4]
     assert [rank["turns"] for rank in ranks] == [[1, 1, 1, 1]] * 4
-
-
-@pytest.fixture(scope="module")
-def pair_and_prompts(tiny_pair):
-    """The tiny saved pair and a local prompt file with answers, as a user would pass them."""
-    rows = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
-    (tiny_pair / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tiny_pair
-
-
-def cli(folder, out_dir, run_name, *extra):
-    return ["--teacher", str(folder / "teacher"), "--student", str(folder / "student"),
-            "--prompts", str(folder / "prompts.jsonl"), "--no-math-instruction", "--steps", "4",
-            "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-response-len", "6",
-            "--micro-batch-size", "3", "--lr", "1e-3", "--chunk-size", "4", "--seed", "3",
-            "--out-dir", str(out_dir), "--run-name", run_name, *extra]
 
 
 def comparable(metrics_path):
