@@ -1,4 +1,4 @@
-"""Rollouts of uneven length (paper preset: --micro-batch-tokens 10240, rows balanced over ranks): one
+"""Rollouts of uneven length (paper §7, Eq. 9; the paper preset: --micro-batch-tokens 10240, rows balanced over ranks): one
 train.train_step (type_aware) on one rank's 16 rollouts, log-normal response lengths, in micro-batches of 8 rows
 (`rows`), of one rollout (`one`), within a token budget padded (`tokens`) or packed (`packed`), and of one
 full budget (`budget`), each in a fresh process; then the rank balance, simulated and over 4 gloo processes.
