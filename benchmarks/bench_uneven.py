@@ -1,7 +1,7 @@
-"""Rollouts of uneven length (paper §7, Eq. 9; the paper preset: --micro-batch-tokens 10240, rows balanced over ranks): one
-train.train_step (type_aware) on one rank's 16 rollouts, log-normal response lengths, in micro-batches of 8 rows
-(`rows`), of one rollout (`one`), within a token budget padded (`tokens`) or packed (`packed`), and of one
-full budget (`budget`), each in a fresh process; then the rank balance, simulated and over 4 gloo processes.
+"""Rollouts of uneven length (paper §7, Eq. 9; the paper preset: --micro-batch-tokens 10240, rows balanced over
+ranks): one train.train_step (type_aware) on one rank's 16 rollouts, log-normal response lengths, in micro-batches
+of 8 rows (`rows`), of one rollout (`one`), within a token budget padded (`tokens`) or packed (`packed`), and of
+one full budget (`budget`), each in a fresh process; then the rank balance, simulated and over 4 gloo processes.
 Targets: tokens computed / real ≤ 1.10, step time ≤ 1.25× `one`'s, peak ≤ 1.2× `budget`'s, balance ≤ 1.05.
 
     python benchmarks/bench_uneven.py                  # CPU: d=512, 8 layers, V=32,768, cap 1,024, prompts 32–128
