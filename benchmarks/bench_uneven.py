@@ -41,8 +41,8 @@ import tip  # noqa: E402
 # CPU, max_memory_allocated on GPU). Tokens computed: Σ over the step's micro-batches (train.micro_batches, counted
 # here from the same rollouts) of what the forward runs, pair.trimmed's padded [rows, columns] or pair.packed's
 # one row; real: the attention mask's sum. `budget` trains micro-batches of exactly the budget (two rollouts of
-# --prompt-max + cap tokens, one a micro-batch): the memory a token budget promises to stay near. `tokens` and `packed` must keep
-# their micro-batches within the budget (no rollout here is longer than it).
+# --prompt-max + cap tokens, one a micro-batch): the memory a token budget promises to stay near. `tokens` and
+# `packed` must keep their micro-batches within the budget (no rollout here is longer than it).
 #
 # Agreement. Every other variant must agree with `one` (common.step_agreement: loss, gradient norm, clipped
 # gradients) on a step at ρ = 1 (every response token kept), lr 0, from the timed steps' start weights. At the rule's
