@@ -88,12 +88,17 @@ def open_trackers(names: list[str], run_dir: Path, config: dict, start_step: int
     return [makers[name](run_dir, config, start_step) for name in dict.fromkeys(names)]
 
 
-def log_step(run_dir: Path, record: dict, opened: list[Tracker], bar) -> None:
-    """One step's record: a line of metrics.jsonl, each tracker, and the progress bar's numbers (rank 0)."""
+def log_record(run_dir: Path, record: dict, opened: list[Tracker]) -> None:
+    """A line of metrics.jsonl, and the same record to each tracker at its step (rank 0)."""
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     for tracker in opened:
         tracker.log(record)
+
+
+def log_step(run_dir: Path, record: dict, opened: list[Tracker], bar) -> None:
+    """One step's record: a line of metrics.jsonl, each tracker, and the progress bar's numbers (rank 0)."""
+    log_record(run_dir, record, opened)
     if record["skipped"]:
         tqdm.write(f"step {record['step']} skipped: {record['skipped']}")
     shown = dict(loss=record["loss"], kl=record.get("mean_reverse_kl"), kept=record.get("kept_fraction"),

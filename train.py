@@ -365,8 +365,8 @@ def train(config: tip.Config, device) -> None:
             accuracy = evaluate.held_out_accuracy(student, tokenizer, eval_problems, config, config.seed + 10**6,
                                                   engine)
             tip.log(f"held-out accuracy {when} training: {accuracy:.1%} ({len(eval_problems)} problems)")
-            for tracker in opened:
-                tracker.log(dict(step=step, held_out_accuracy=accuracy))
+            if master:  # a line of its own: the accuracy before step 1 and after the last step
+                trackers.log_record(run_dir, dict(step=step, held_out_accuracy=accuracy), opened)
         if eval_problems and start_step == 0:
             held_out("before", 0)
         bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, disable=not master)

@@ -105,7 +105,8 @@ def run_one(setting: Setting, seed: int, args) -> dict:
     start = time.time()
     train.main(train_arguments(setting, seed, args, run_dir))
     train_seconds = time.time() - start
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [line for line in lines if "kept_tokens" in line]  # the steps, not the held-out evaluations
     response_tokens = sum(r["response_tokens"] for r in rows)
     kept, mistakes = sum(r["kept_tokens"] for r in rows), sum(r.get("mistake_tokens", 0) for r in rows)
     result = {"run": name, "setting": asdict(setting), "seed": seed, "steps": len(rows), "world": args.world,

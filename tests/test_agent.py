@@ -124,8 +124,10 @@ def test_miniature_world_builds_and_trains_with_conversations(tmp_path, monkeypa
     train.main(["--prompts", "agent", "--world-dir", str(tmp_path), "--steps", "2", "--prompts-per-step", "2",
                 "--rollouts-per-prompt", "2", "--out-dir", str(tmp_path / "runs"), "--run-name", "a",
                 "--eval-problems", "2", "--rule", "q3", "--ratio", "0.2"])
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all("mistake_tokens" in r and r["reward"] is not None for r in rows)
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows = lines[1:3]  # the steps, between the held-out accuracy before (step 0) and after (step 2)
+    assert [line["step"] for line in lines] == [0, 1, 2, 2] and 0 <= lines[-1]["held_out_accuracy"] <= 1
+    assert all("mistake_tokens" in r and r["reward"] is not None for r in rows)
     assert sampled == [4, 4]  # each step's 2 prompts x 2 rollouts sampled as conversations
     calls, real = [], rollout.generate_conversations
     monkeypatch.setattr(rollout, "generate_conversations", lambda *a, **k: calls.append(a[2]) or real(*a, **k))

@@ -174,7 +174,8 @@ def test_the_readme_main_job_and_toy_evaluation_run_shortened(tmp_path, monkeypa
     train.main([*main_job, *short, "--steps", "2", "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
                 "--eval-problems", "2", "--eval-samples", "1"])
     run = tmp_path / "runs" / "readme"
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # the steps, and the held-out evaluations before the first and after the last
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 2]
     assert (run / "final" / "model.safetensors").exists() and json.loads((run / "config.json").read_text())["rule"] \
         == "type_aware"
     evaluation = readme_command("evaluate.py", "toy", "toy-student")

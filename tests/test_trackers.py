@@ -143,9 +143,10 @@ def test_trackers_get_every_line_and_the_held_out_accuracy_at_its_step_and_are_c
     monkeypatch.setattr(evaluate, "held_out_accuracy", lambda *a, **k: next(accuracies))
     train.main(cli(pair_and_prompts, tmp_path, "held", "--steps", "2", "--eval-every", "2", "--report-to",
                    "tensorboard"))
-    lines = metrics(tmp_path / "held")
-    assert logged == [dict(step=0, held_out_accuracy=0.25), *lines, dict(step=2, held_out_accuracy=0.75)]
-    assert lines[1]["held_out_accuracy"] == 0.5 and closed == [0]
+    lines = metrics(tmp_path / "held")  # the trackers and metrics.jsonl (plot.py's source) get the same lines
+    assert lines[0] == dict(step=0, held_out_accuracy=0.25) and lines[-1] == dict(step=2, held_out_accuracy=0.75)
+    assert logged == lines and len(lines) == 4 and [line["step"] for line in lines] == [0, 1, 2, 2]
+    assert lines[2]["held_out_accuracy"] == 0.5 and "held_out_accuracy" not in lines[1] and closed == [0]
     real_step = train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)
                         or real_step(*a, **k))

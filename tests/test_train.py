@@ -809,9 +809,10 @@ def test_toy_main_job_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "held-out accuracy before training" in out and "held-out accuracy after training" in out
     config = json.loads((tmp_path / "toy" / "config.json").read_text())
     assert config["prompts"] == "toy" and config["lr"] == tip.PRESETS["toy"]["lr"]
-    lines = comparable(tmp_path / "toy" / "metrics.jsonl")
+    before, *lines, after = comparable(tmp_path / "toy" / "metrics.jsonl")
     assert len(lines) == 2 and all("mistake_tokens" in line for line in lines)
     assert "held_out_accuracy" not in lines[0] and 0 <= lines[1]["held_out_accuracy"] <= 1
+    assert before.keys() == after.keys() == {"step", "held_out_accuracy"} and (before["step"], after["step"]) == (0, 2)
     assert (tmp_path / "toy" / "final" / "model.safetensors").exists()
 
 
