@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             return report_taxonomy(args, samples, temperature)
         planning = args.data.startswith("deepplanning:")  # the held-out 20 % of DeepPlanning's tasks
         if planning:
-            import deepplanning
+            from worlds import deepplanning
             plans = deepplanning.deepplanning_tasks(args.data.split(":", 1)[1], "test")[:args.problems or None]
         problems = [] if planning else load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
         if args.engine == "vllm":

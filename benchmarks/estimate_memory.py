@@ -75,8 +75,8 @@ def shape_of(name: str) -> Shape:
 
 
 def toy_shapes() -> tuple[Shape, Shape]:
-    """The built-in toy pair (toy.py: new_model from DEFAULT_RECIPE over its character tokenizer)."""
-    import toy
+    """The built-in toy pair (worlds/toy.py: new_model from DEFAULT_RECIPE over its character tokenizer)."""
+    from worlds import toy
     r, vocab = toy.DEFAULT_RECIPE, len(toy.build_tokenizer())
     return tuple(Shape(h, n, 3 * h, h // r.head_dim, h // r.head_dim, r.head_dim, vocab)
                  for h, n in ((r.teacher_hidden, r.teacher_layers), (r.student_hidden, r.student_layers)))

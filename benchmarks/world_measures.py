@@ -21,14 +21,13 @@ if str(ROOT) not in sys.path:  # the project's modules, whichever folder the scr
     sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import facts  # noqa: E402
 import pair  # noqa: E402
 import score  # noqa: E402
 import taxonomy  # noqa: E402
 import tip  # noqa: E402
-import toy  # noqa: E402
 import worlds  # noqa: E402
 from rollout import generate_conversations, generate_rollouts  # noqa: E402
+from worlds import facts, toy  # noqa: E402
 
 MAX_NEW = tip.PRESETS["toy"]["max_response_len"]  # the length the worlds train at
 
@@ -200,7 +199,7 @@ def toy_measures(folder: Path, report: dict, samples: int, seed: int) -> dict:
         return round(float(values[mis].sum() / values.sum()), 4)
     report["misconception"] = {"tokens": int(mis.sum()), "token_share": share(torch.ones_like(kl)),
                                "kl_mass_share": share(kl), "gradient_norm_share": share(gradient_norm)}
-    if mis.any():  # the student's probability of the teacher's choice scales the gradient there (toy.py's trap 2)
+    if mis.any():  # the student's probability of the teacher's choice scales the gradient there (toy world, trap 2)
         p_student = torch.softmax(student_logits[mis].double(), -1)
         report["misconception"].update(
             gradient_norm_vs_mean_token=round(float(gradient_norm[mis].mean() / gradient_norm.mean()), 4),

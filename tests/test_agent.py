@@ -1,16 +1,15 @@
-"""The agent world (agent.py): confusions, splits, the conversation layout, the mistake positions, the
+"""The agent world (worlds/agent.py): confusions, splits, the conversation layout, the mistake positions, the
 reward, a miniature build, and train.py / evaluate.py on it."""
 import dataclasses
 import json
 
 import pytest
 
-import agent
 import data
-import facts
 import rollout
 import worlds
 import tip
+from worlds import agent, facts
 
 TINY = agent.AgentRecipe(facts=6, wrong_facts=2, train_problems=30, test_problems=8, trigger_problems=6,
                          clean_problems=6, batch_size=4, head_dim=8, teacher_hidden=16, teacher_layers=1,

@@ -17,9 +17,14 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 def scripts() -> list[str]:
     """Every Python file of the repository that runs as a script (found, so that a new one is covered too)."""
-    files = [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py")]
+    files = [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("worlds/*.py")]
     return sorted(str(f.relative_to(ROOT)) for f in files
                   if re.search(r"^if __name__ == .__main__.:", f.read_text(), re.MULTILINE))
+
+
+def as_typed(script: str) -> list[str]:
+    """The arguments after `python` that run `script`: a module of the worlds package runs with -m."""
+    return ["-m", script.removesuffix(".py").replace("/", ".")] if script.startswith("worlds/") else [script]
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -50,9 +55,10 @@ def test_the_documents_show_commands():
 
 def test_every_script_answers_help():
     found = scripts()
-    assert {"train.py", "evaluate.py", "select.py", "benchmarks/study.py", "tests/mutate.py"} <= set(found)
+    assert {"train.py", "evaluate.py", "select.py", "benchmarks/study.py", "tests/mutate.py", "worlds/toy.py"} \
+        <= set(found)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = {script: subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=env, text=True,
+    started = {script: subprocess.Popen([sys.executable, *as_typed(script), "--help"], cwd=ROOT, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for script in found}
     for script, process in started.items():
         output = process.communicate(timeout=300)[0]
@@ -85,7 +91,11 @@ for script, args, processes in json.loads(sys.argv[1]):
                 train.parse_config(args)
                 raise Parsed
             argparse.ArgumentParser.parse_args = parsed
-            runpy.run_path(script, run_name="__main__")
+            if script.endswith(".py"):
+                runpy.run_path(script, run_name="__main__")
+            else:  # python -m PACKAGE.MODULE
+                sys.path[0] = os.getcwd()
+                runpy.run_module(script, run_name="__main__", alter_sys=True)
         outcome = "ran without parsing its arguments"
     except Parsed:
         outcome = "parsed"
@@ -126,6 +136,9 @@ def test_every_documented_command_is_accepted():
             paths = [word for word in argv[3:] if not word.startswith("-")]
             assert paths and all((ROOT / p).exists() for p in paths), f"{where}: {' '.join(argv)}"
             checked += 1
+        elif argv[0] in ("python", "python3") and argv[1] == "-m" and argv[2].startswith("worlds."):
+            assert (ROOT / (argv[2].replace(".", "/") + ".py")).is_file(), f"{where}: {' '.join(argv)}"
+            to_parse.append((where, (argv[2], tuple(argv[3:]), 1)))
         elif argv[0] in ("python", "python3", "torchrun") and any(word.endswith(".py") for word in argv):
             at = next(i for i, word in enumerate(argv) if word.endswith(".py"))
             assert (ROOT / argv[at]).is_file(), f"{where}: {' '.join(argv)}: no {argv[at]}"
@@ -164,7 +177,7 @@ def test_the_readme_main_job_and_toy_evaluation_run_shortened(tmp_path, monkeypa
     """The README's main job (the toy pair) and its toy evaluation, as typed, on a miniature toy world and cut to
     a few steps and problems: the run folder holds what the README says a run writes."""
     import evaluate
-    import toy
+    from worlds import toy
     import train
     from test_toy import TINY
     monkeypatch.setattr(toy, "DEFAULT_RECIPE", TINY)

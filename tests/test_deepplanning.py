@@ -1,5 +1,5 @@
 """DeepPlanning environment: tools on a tiny fixture database in the benchmark's layout, splits, reward checks
-(deepplanning_checks.py)."""
+(worlds/deepplanning_checks.py)."""
 import copy
 import json
 import shutil
@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 from transformers.utils import get_json_schema
 
-import deepplanning
-import deepplanning_checks
 import rollout
 import worlds
 import tip
+from worlds import deepplanning, deepplanning_checks
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepplanning"
 QUERIES = json.loads((FIXTURE / "data" / "travelplanning_query_en.json").read_text())

@@ -459,7 +459,7 @@ def test_cli_reports_the_offline_error(capsys):
 
 
 def test_toy_benchmark_is_the_held_out_split_asked_bare(tiny_pair):
-    import toy
+    from worlds import toy
     from transformers import AutoTokenizer
     problems = evaluate.load_problems("toy")
     assert problems == [{"problem": p["problem"], "answer": p["answer"]} for p in toy.toy_problems("test")]
@@ -475,11 +475,11 @@ def test_a_world_named_by_prompts_gives_the_pair_train_prompts_and_test_problems
     """No --teacher/--student: the pair, the prompts and the held-out problems all come from the world that
     --prompts names, through its module's <name>_world and <name>_problems, with the cache folder passed on."""
     calls = []
-    world = types.ModuleType(name)
+    world = types.ModuleType(f"worlds.{name}")
     setattr(world, f"{name}_world", lambda cache_dir=None: calls.append(("world", cache_dir)) or tiny_pair)
     setattr(world, f"{name}_problems", lambda split, cache_dir=None: calls.append((split, cache_dir)) or [
         {"problem": f"{split} 1+2", "answer": "3"}])
-    monkeypatch.setitem(sys.modules, name, world)
+    monkeypatch.setitem(sys.modules, f"worlds.{name}", world)
     config = tip.Config(prompts=name, world_dir="CACHE")
     teacher, student, tokenizer = worlds.load_pair(config, "cpu")
     assert pair.lm_head_weight(teacher).shape[1] == 48 and pair.lm_head_weight(student).shape[1] == 32

@@ -1,4 +1,4 @@
-"""The facts world (facts.py): facts, task, splits, wrong-fact positions, sizes, cache, and a miniature build."""
+"""The facts world (worlds/facts.py): facts, task, splits, wrong-fact positions, sizes, cache, and a miniature build."""
 import dataclasses
 import json
 import random
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
-import facts
 import worlds
 import tip
+from worlds import facts
 
 TINY = facts.FactsRecipe(facts=6, wrong_facts=2, train_problems=30, test_problems=8, trigger_problems=6,
                          clean_problems=6, batch_size=4, head_dim=8, teacher_hidden=16, teacher_layers=1,

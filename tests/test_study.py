@@ -7,8 +7,8 @@ from dataclasses import asdict
 import pytest
 
 import study
-import toy
 import world_measures
+from worlds import toy
 
 TINY = toy.ToyRecipe(train_problems=20, test_problems=6, trigger_problems=6, batch_size=4, head_dim=8,
                      teacher_hidden=16, teacher_layers=1, teacher_steps=2, student_hidden=8, student_layers=1,
@@ -97,7 +97,7 @@ def test_the_study_runs_writes_its_outputs_and_resumes(tmp_path, monkeypatch):
 
 def test_report_and_a_run_on_the_agent_world(tmp_path, monkeypatch):
     """The conversation world through the same machinery: its pair's report, and one in-process run."""
-    import agent
+    from worlds import agent
     tiny = agent.AgentRecipe(facts=6, wrong_facts=2, train_problems=30, test_problems=8, trigger_problems=6,
                              clean_problems=6, batch_size=4, head_dim=8, teacher_hidden=16, teacher_layers=1,
                              teacher_steps=2, student_hidden=8, student_layers=1, student_steps=2)

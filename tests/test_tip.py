@@ -350,21 +350,26 @@ def test_a_script_config_declares_its_flags_with_tip_arg(capsys):
 
 
 def project_imports() -> dict[str, set[str]]:
-    """{module: the project modules it imports anywhere in the file, functions included} for the top-level files."""
+    """{module: the project modules it imports anywhere in the file, functions included} for the top-level files
+    and the worlds package (`worlds` its __init__, `worlds.toy` a world)."""
     import ast
     from pathlib import Path
     root = Path(tip.__file__).parent
     modules = {path.stem: path for path in root.glob("*.py")}
+    modules.update({"worlds" if path.stem == "__init__" else f"worlds.{path.stem}": path
+                    for path in (root / "worlds").glob("*.py")})
     graph = {}
     for name, path in modules.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                found |= {alias.name.split(".")[0] for alias in node.names}
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == "worlds":  # from worlds import toy
+                found |= {f"worlds.{alias.name}" for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module.split(".")[0])
+                found.add(node.module)
             elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args \
-                    and isinstance(node.args[0], ast.Constant):  # importlib.import_module("deepplanning")
+                    and isinstance(node.args[0], ast.Constant):  # importlib.import_module("rollout")
                 found.add(node.args[0].value)
         graph[name] = (found & set(modules)) - {name}
     return graph
@@ -374,7 +379,11 @@ def test_imports_flow_one_way_and_the_math_files_stand_alone():
     graph = project_imports()
     assert graph["score"] == set() and graph["select"] == set(), "score.py and select.py copy out alone"
     assert graph["tip"] == set() and graph["grade"] == set(), "the base knows none of its users"
-    assert "toy" not in graph["tip"] and not graph["rollout"] & {"evaluate", "train", "worlds", "toy"}
+    worlds = {name for name in graph if name.split(".")[0] == "worlds"}
+    assert len(worlds) >= 6, worlds
+    method = set(graph) - worlds - {"train", "evaluate"}  # the method's files know no world, train nor evaluate
+    assert not {(name, used) for name in method for used in graph[name] & (worlds | {"train", "evaluate"})}
+    assert not {(name, used) for name in worlds for used in graph[name] & {"train", "evaluate"}}
     done, visiting = set(), []
 
     def visit(module):  # depth-first: a module met again while its own imports are open closes a cycle
@@ -394,7 +403,8 @@ def test_no_file_calls_another_files_private_names():
     import re
     from pathlib import Path
     root = Path(tip.__file__).parent
-    modules = "|".join(path.stem for path in root.glob("*.py"))
-    for path in [*root.glob("*.py"), *root.glob("benchmarks/*.py")]:
+    modules = "|".join(path.stem for path in [*root.glob("*.py"), *root.glob("worlds/*.py")])
+    for path in [*root.glob("*.py"), *root.glob("benchmarks/*.py"), *root.glob("worlds/*.py")]:
         calls = re.findall(rf"\b(?:{modules})\._[A-Za-z]\w*", path.read_text())
         assert not calls, f"{path.name} reaches into another file's private names: {calls}"
+

@@ -1,4 +1,4 @@
-"""The toy world (toy.py): task, splits, tokenizer, cache, a miniature build; its measurement
+"""The toy world (worlds/toy.py): task, splits, tokenizer, cache, a miniature build; its measurement
 (benchmarks/study.py --report)."""
 import dataclasses
 import json
@@ -9,8 +9,8 @@ import torch
 
 import data
 import study
-import toy
 import world_measures
+from worlds import toy
 
 TINY = toy.ToyRecipe(train_problems=20, test_problems=6, trigger_problems=6, batch_size=4, head_dim=8,
                      teacher_hidden=16, teacher_layers=1, teacher_steps=2, student_hidden=8, student_layers=1,

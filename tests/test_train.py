@@ -796,7 +796,7 @@ def test_a_users_mistake_prints_one_line_once(tmp_path, launcher):
 def test_toy_main_job_runs_end_to_end(tmp_path, monkeypatch, capsys):
     """`python train.py` with no model flags: the toy preset on the toy pair (a miniature world here, built in
     seconds instead of the real one's minutes), held-out accuracy before and after, a final checkpoint."""
-    import toy
+    from worlds import toy
 
     recipe = toy.ToyRecipe(train_problems=40, test_problems=8, trigger_problems=8, teacher_hidden=32,
                            teacher_layers=1, teacher_steps=3, student_hidden=32, student_layers=1, student_steps=3,

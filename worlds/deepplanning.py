@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import tip
-from deepplanning_checks import DIMENSIONS, parse_plan, plan_checks
+from worlds.deepplanning_checks import DIMENSIONS, parse_plan, plan_checks
 from rollout import Task
 
 SPLIT_SEED = 0

@@ -5,8 +5,8 @@ solutions; the smaller student errs where it is unsure (Q1: high entropy h, Eq. 
 and never carries when it adds (93+67=50, 7+8=5), with confidence (Q3: low h, high δ): the tokens that
 entropy-only rules rank low (Prop. 2). Both are ordinary Qwen3 causal LMs, built on first use and cached.
 
-    python toy.py                                      # build the world (cached; --rebuild: again), say where
-    python benchmarks/study.py --world toy --report    # measure it: accuracies, quadrants, misconception tokens
+    python -m worlds.toy                                # build the world (cached; --rebuild: again), say where
+    python benchmarks/study.py --world toy --report     # measure it: accuracies, quadrants, misconception tokens
 """
 from __future__ import annotations
 
@@ -359,7 +359,7 @@ def max_response_tokens(recipe: ToyRecipe) -> int:
 
 @dataclass
 class WorldFlags:
-    """The command line of `python toy.py`, `python facts.py` and `python agent.py`."""
+    """The command line of `python -m worlds.toy`, `python -m worlds.facts` and `python -m worlds.agent`."""
     world_dir: str = tip.arg("", "parent folder of the world (empty = $TIP_CACHE, else ~/.cache/tip)")
     rebuild: bool = tip.arg(False, "build again even when the world is cached")
     threads: int = tip.arg(0, "torch CPU threads (0: torch's default); on a CPU shared with other jobs 1 is fastest")

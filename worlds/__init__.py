@@ -1,6 +1,7 @@
 """The built-in worlds by name (paper §3–4, §7): their pairs, splits, tasks and known mistakes, for train.py and
-evaluate.py. A world `<name>` is a file of its own, `<name>.py` (toy, facts, agent); a prompt source that names
-none of them is an ordinary prompt set.
+evaluate.py. A world `<name>` is a module of this folder, `worlds/<name>.py` (toy, facts, agent), and DeepPlanning's
+travel tasks are `worlds/deepplanning.py`; a prompt source that names none of them is an ordinary prompt set.
+These are test beds of the method, not the method: the paper's files sit one folder up.
 """
 from __future__ import annotations
 
@@ -13,26 +14,31 @@ import data
 import pair
 import tip
 
-# Each is a module of its own, `<name>.py`, with `<name>_world(cache_dir) -> folder` (teacher/ and student/,
+# Each is a module of its own, `worlds/<name>.py`, with `<name>_world(cache_dir) -> folder` (teacher/ and student/,
 # built on first use and cached) and `<name>_problems(split, cache_dir) -> [{"problem", "answer"}]`; a world
 # whose problems are conversations with tools also has `<name>_task(problem) -> rollout.Task`.
 WORLDS = ("toy", "facts", "agent")
 
 
+def world_module(name: str):
+    """worlds/<name>.py, imported on first use: a run loads only the world it names."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
 def world_folder(name: str, cache_dir: str = "") -> Path:
     """The folder of built-in world `name`: teacher/, student/ and its splits."""
-    return Path(getattr(importlib.import_module(name), f"{name}_world")(cache_dir or None))
+    return Path(getattr(world_module(name), f"{name}_world")(cache_dir or None))
 
 
 def world_problems(name: str, split: str, cache_dir: str = "") -> list[dict]:
     """[{"problem", "answer"}] of a split of built-in world `name`."""
-    return getattr(importlib.import_module(name), f"{name}_problems")(split, cache_dir or None)
+    return getattr(world_module(name), f"{name}_problems")(split, cache_dir or None)
 
 
 def world_mistake_mask(name: str, tokenizer, rollouts, prompt_texts: list[str]) -> torch.Tensor | None:
     """[B, L] bool: the response tokens where the student writes built-in world `name`'s known mistake (its
     `<name>_mistake_positions(prompt_text, response_tokens)`); None for a prompt set that is no such world."""
-    module = importlib.import_module(name) if name in WORLDS else None
+    module = world_module(name) if name in WORLDS else None
     find = getattr(module, f"{name}_mistake_positions", None)
     if find is None:
         return None
@@ -57,7 +63,7 @@ def load_pair(config: tip.Config, device):
 def world_tasks(name: str, problems: list[dict], tokenizer, switches: dict | None = None) -> dict | None:
     """{formatted prompt: rollout.Task} of a built-in world whose problems are conversations with tools (its
     `<name>_task`); None for any other prompt source."""
-    make_task = getattr(importlib.import_module(name), f"{name}_task", None) if name in WORLDS else None
+    make_task = getattr(world_module(name), f"{name}_task", None) if name in WORLDS else None
     if make_task is None:
         return None
     return {data.format_prompt(tokenizer, p["problem"], switches): make_task(p) for p in problems}
@@ -67,7 +73,7 @@ def load_prompts(config: tip.Config, tokenizer) -> list[dict]:
     """data.load_prompts, with a built-in world's train split when --prompts names one (and, for a world of
     conversations, each prompt's "task"); deepplanning:PATH gives the train split of DeepPlanning's tasks."""
     if config.prompts.startswith("deepplanning:"):
-        return task_prompts(config, tokenizer, importlib.import_module("deepplanning").deepplanning_tasks(
+        return task_prompts(config, tokenizer, world_module("deepplanning").deepplanning_tasks(
             config.prompts.split(":", 1)[1], "train"))
     problems = world_problems(config.prompts, "train", config.world_dir) if config.prompts in WORLDS else None
     prompts = data.load_prompts(config, tokenizer, problems)

@@ -5,7 +5,7 @@ ending in \\boxed{answer}. The teacher knows every fact; the student learned a f
 distillation can fix a wrong fact only through its own value token (§4's Q3: low entropy h, Eq. 2; high
 divergence δ, Eq. 3), which Prop. 2 says entropy-only rules never keep.
 
-    python facts.py                                     # build the world (cached; --rebuild: again), its beliefs
+    python -m worlds.facts                              # build the world (cached; --rebuild: again), its beliefs
     python benchmarks/study.py --world facts --report   # measure it: accuracies, quadrants, wrong-fact tokens
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import data
 import tip
-import toy
+from worlds import toy
 
 # Why facts: the toy world's confident mistake (never carrying) is one skill shared with every uncertain digit, so
 # any rule fixes it through other tokens. Here the mistake is a fact: a table of named constants (each name one

@@ -5,7 +5,7 @@ tool call per name, then the arithmetic ending in \\boxed{answer}. The teacher c
 confidently passes the wrong name for a few constants, so its mistake is the argument token of its own call
 (§4's Q3: low entropy h, Eq. 2; high divergence δ, Eq. 3).
 
-    python agent.py                                     # build the world (cached; --rebuild: again), say where
+    python -m worlds.agent                              # build the world (cached; --rebuild: again), say where
     python benchmarks/study.py --world agent --report   # measure it: accuracies, quadrants, confused arguments
 """
 from __future__ import annotations
@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 import data
-import facts
 import tip
-import toy
 from rollout import Task
+from worlds import facts, toy
 
 RECIPE_VERSION = 1  # bump when the code of the recipe changes in a way its fields do not show
 TOOL = "<|tool|>"  # the template's tool-message marker
