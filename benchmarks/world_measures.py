@@ -5,7 +5,6 @@ world's own teacher and student, with what the toy and facts worlds show of thei
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -83,7 +82,7 @@ def measure_model(world: str, world_dir: str, folder: Path, samples: int, seed: 
     tokenizer = AutoTokenizer.from_pretrained(world_folder / "student")
     model, teacher = load_model(folder), load_model(world_folder / "teacher")
     report, max_turns = {"accuracy": {}}, tip.Config().max_turns
-    for split in [s for s in importlib.import_module(world).SPLITS if s != "train"]:
+    for split in [s for s in worlds.world_module(world).SPLITS if s != "train"]:
         problems = worlds.world_problems(world, split, world_dir)
         report["accuracy"][split] = accuracy(model, tokenizer, problems, samples, seed, MAX_NEW,
                                              worlds.world_tasks(world, problems, tokenizer), max_turns)
@@ -131,7 +130,7 @@ def world_report(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before, start = os.getloadavg()[0], time.time()
-    folder = Path(getattr(importlib.import_module(args.world), f"{args.world}_world")(args.world_dir or None,
+    folder = Path(getattr(worlds.world_module(args.world), f"{args.world}_world")(args.world_dir or None,
                                                                                       rebuild=args.rebuild))
     info, measure_start = json.loads((folder / "world.json").read_text()), time.time()
     report = {"world": str(folder), "recipe": info["recipe"], "build_seconds": info["build_seconds"],
