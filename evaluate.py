@@ -34,6 +34,8 @@ BENCHMARKS = {
     "aime24": ("HuggingFaceH4/aime_2024", "train", 30),
     "aime25": ("yentinglin/aime_2025", "train", 30),
 }
+# DeepPlanning's published averages (its scores of a task, summed over tasks and divided by their number)
+PLANNING_SCORES = ("delivery_rate", "commonsense", "personalized", "composite", "case_accuracy")
 
 
 def _problems(rows: list[dict], source: str) -> list[dict]:
@@ -206,12 +208,16 @@ class EvalConfig:
     benchmark: str = arg("", "named benchmark (hub datasets; a built-in world = its test split)",
                          ["", *BENCHMARKS, *worlds.WORLDS])
     data: str = arg("", "local .jsonl/.parquet with problem and answer columns (instead of the hub), or "
-                    "deepplanning:PATH (the held-out 20 % of its tasks, scored by the rule-based reward)")
+                    "deepplanning:PATH (DeepPlanning's travel tasks, scored by its rule-based checks)")
+    split: str = arg("test", "deepplanning: the tasks evaluated, the held-out 20 % (test) or every task (all, "
+                     "as published numbers are)", ["test", "all"])
     samples: int = arg(0, "samples per problem k of mean@k (0 = 16; the taxonomy: 4)")
     greedy: bool = arg(False, "greedy decoding, one sample: pass@1")
     temperature: float = arg(1.0, "sampling temperature (paper: 1.0)")
     top_p: float = arg(1.0, "nucleus top-p (paper: 1.0)")
     max_new_tokens: int = arg(0, "response limit (0 = 8192; a built-in world: 48)")
+    max_turns: int = arg(0, "assistant turns per conversation with tools (0 = 8; deepplanning: 150, the official "
+                         "agent's limit of model calls)")
     batch_size: int = arg(64, "responses generated (and rollouts scored) at once")
     problems: int = arg(0, "use the first N problems / prompts (0 = all; the taxonomy: 16)")
     seed: int = arg(0, "sampling seed")
@@ -263,15 +269,26 @@ def report_taxonomy(args: EvalConfig, samples: int, temperature: float) -> None:
 
 
 def planning_tasks(args: EvalConfig, plans: list, tokenizer):
-    """--data deepplanning:PATH: (problems, prompts, {prompt: task}, judge) of DeepPlanning's held-out tasks
-    `plans`, each response scored by its task's rule-based reward."""
-    problems = [{"problem": f"DeepPlanning test task {k}", "answer": None, "id": k} for k in range(len(plans))]
+    """--data deepplanning:PATH: (problems, prompts, {prompt: task}, judge) of DeepPlanning's tasks `plans`; the
+    judge scores a response (the last assistant turn) by its task's official scores, kept in the problem's
+    "scores", and returns the composite."""
+    problems = [{"problem": f"DeepPlanning {args.split} task {k}", "answer": None, "id": k, "scores": []}
+                for k in range(len(plans))]
     config = tip.Config(prompts=args.data, max_prompt_len=1 << 30, chat_template_kwargs=args.chat_template_kwargs)
     prompts = [p["prompt"] for p in worlds.task_prompts(config, tokenizer, plans)]
 
-    def plan_reward(problem, text):  # the plan is the last assistant turn
-        return plans[problem["id"]].reward([{"role": "assistant", "content": text}])
-    return problems, prompts, dict(zip(prompts, plans)), plan_reward
+    def plan_score(problem, text):
+        problem["scores"].append(plans[problem["id"]].scores([{"role": "assistant", "content": text}]))
+        return problem["scores"][-1]["composite"]
+    return problems, prompts, dict(zip(prompts, plans)), plan_score
+
+
+def planning_summary(results: list[dict]) -> dict[str, float]:
+    """The benchmark's averages over every task and sample: delivery rate, commonsense, personalized, composite
+    and case accuracy (a task that delivered no plan counts 0 in each)."""
+    scores = [score for r in results for score in r["scores"]]
+    means = {name: sum(score[name] for score in scores) / max(1, len(scores)) for name in scores[0]} if scores else {}
+    return {("delivery_rate" if name == "delivered" else name): mean for name, mean in means.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--greedy gives one sample per problem (pass@1): drop --samples")
     if not args.taxonomy and not (args.model and (args.benchmark or args.data)):
         parser.error("pass --model and --benchmark (or --data), or --taxonomy")
+    if args.split != "test" and not args.data.startswith("deepplanning:"):
+        parser.error("--split chooses DeepPlanning's tasks: use it with --data deepplanning:PATH")
     samples = 1 if args.greedy else args.samples or (4 if args.taxonomy else 16)
     temperature = 0.0 if args.greedy else args.temperature
     try:
@@ -291,13 +310,14 @@ def main(argv: list[str] | None = None) -> None:
         planning = args.data.startswith("deepplanning:")  # the held-out 20 % of DeepPlanning's tasks
         if planning:
             from worlds import deepplanning
-            plans = deepplanning.deepplanning_tasks(args.data.split(":", 1)[1], "test")[:args.problems or None]
+            plans = deepplanning.deepplanning_tasks(args.data.split(":", 1)[1], args.split)[:args.problems or None]
         problems = [] if planning else load_problems(args.benchmark, args.data, args.world_dir)[:args.problems or None]
         if args.engine == "vllm":
             vllm_engine.require_vllm()  # before the model loads
         model, tokenizer = pair.load_model(worlds.model_path(args.model, args.world_dir), args.device, args.dtype)
         bare = args.benchmark in worlds.WORLDS  # the worlds' models learned bare problems, whatever the source
         max_new_tokens = args.max_new_tokens or (48 if bare else 8192)
+        max_turns = args.max_turns or (150 if planning else 8)
         prompts, judge = benchmark_prompts(problems, tokenizer, bare, switches), None
         tasks = worlds.world_tasks(args.benchmark, problems, tokenizer, switches) if bare else None
         if planning:
@@ -310,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             engine = vllm_engine.VLLMEngine(model, tokenizer, longest + max_new_tokens,
                                             args.gpu_memory_utilization, args.dtype, args.seed)
         generate = model_generator(model, tokenizer, max_new_tokens, temperature, args.top_p, args.seed,
-                                   args.batch_size, engine, tasks, switches=switches)
+                                   args.batch_size, engine, tasks, max_turns, switches)
         try:
             summary, results = run_benchmark(problems, prompts, generate, samples, args.batch_size,
                                              args.save_responses, judge=judge)
@@ -320,10 +340,15 @@ def main(argv: list[str] | None = None) -> None:
         label = args.benchmark or ("deepplanning" if planning else Path(args.data).stem)
         summary = {"benchmark": label, "model": args.model, "metric": "pass@1 (greedy)" if args.greedy
                    else f"mean@{samples}", **summary, "data": args.data or None, "temperature": temperature,
-                   "top_p": args.top_p, "max_new_tokens": max_new_tokens, "seed": args.seed}
+                   "top_p": args.top_p, "max_new_tokens": max_new_tokens, "seed": args.seed,
+                   **({"max_turns": max_turns} if tasks else {})}
+        if planning:  # accuracy is the mean composite; the benchmark's own averages beside it
+            summary.update(split=args.split, **planning_summary(results))
         out = Path(args.out or f"eval-{label}.json")
         tip.write_json(out, {"summary": summary, "problems": results})
         print(format_table(summary))
+        if planning:
+            print("\n" + " | ".join(f"{name} {100 * summary[name]:.1f} %" for name in PLANNING_SCORES))
         print(f"\nresults: {out}")
     except tip.InputError as error:
         sys.exit(f"error: {error}")

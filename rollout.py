@@ -203,10 +203,12 @@ def sample_tokens(model, tokenizer, encoded: list[list[int]], n: int, max_new_to
 class Task:
     """One conversation to sample: its opening messages, the tools the student may call (plain typed Python
     functions with Google-style docstrings; transformers derives their JSON schemas for the chat template)
-    and the reward of the finished conversation (for logging and evaluation: distillation needs none)."""
+    and the reward of the finished conversation (for logging and evaluation: distillation needs none), with, for
+    a benchmark that reports several, all its scores by name (the reward is one of them)."""
     messages: list[dict]
     tools: list[Callable] = field(default_factory=list)
     reward: Callable[[list[dict]], float] | None = None
+    scores: Callable[[list[dict]], dict[str, float]] | None = None
 
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)

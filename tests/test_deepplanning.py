@@ -147,8 +147,9 @@ def test_splits_are_disjoint_deterministic_and_80_20(tmp_path):
     for i in range(10):
         shutil.copytree(DATABASE / "id_0", tmp_path / "database" / "database_en" / f"id_{i}")
     ids = {split: [t.messages[1]["content"] for t in deepplanning.deepplanning_tasks(str(tmp_path), split)]
-           for split in ("train", "test")}
+           for split in ("train", "test", "all")}
     assert (len(ids["train"]), len(ids["test"])) == (8, 2)
+    assert ids["all"] == [f"task {i}" for i in range(10)]  # every task, in the benchmark's order
     assert set(ids["train"]).isdisjoint(ids["test"])
     assert set(ids["train"]) | set(ids["test"]) == {q["query"] for q in queries}
     assert ids["train"] == [t.messages[1]["content"] for t in deepplanning.deepplanning_tasks(str(tmp_path), "train")]
@@ -269,7 +270,7 @@ def score(plan: str, meta: dict | None = None) -> tuple[float, dict]:
                     {"role": "tool", "content": "Error"},
                     {"role": "assistant", "content": f"<think>a plan</think>Here it is.\n<plan>{plan}</plan>"}]
     meta = meta or META
-    checks = deepplanning_checks.plan_checks(meta, db, *deepplanning_checks.parse_plan(plan))
+    checks = deepplanning_checks.plan_checks(meta, db, *deepplanning_checks.parse_plan(f"<plan>{plan}</plan>"))
     return deepplanning.deepplanning_reward(meta, db, conversation), checks
 
 
@@ -278,7 +279,7 @@ def test_a_plan_that_satisfies_every_check_scores_1():
     commonsense = {name for names in deepplanning_checks.DIMENSIONS.values() for name in names}
     assert set(checks) == commonsense | set(META["hard_constraints"])
     assert [name for name, ok in checks.items() if not ok] == [] and reward == 1.0
-    days, total = deepplanning_checks.parse_plan(GOOD_PLAN)
+    days, total = deepplanning_checks.parse_plan(f"<plan>{GOOD_PLAN}</plan>")
     assert (len(days), total, deepplanning_checks.plan_cost(days, META)) == (2, 2332.0, 2332.0)
     markdown = GOOD_PLAN.replace("Day 1:", "**Day 1:**").replace("Total Estimated Budget: 2332 RMB",
                                                                   "**Total Estimated Budget: ¥2,332**")
@@ -317,9 +318,11 @@ def test_train_reads_deepplanning_tasks_as_conversations(tmp_path):
                                          chat_template_kwargs="{}"), tokenizer)
 
 
-def test_evaluate_scores_the_held_out_tasks_by_their_reward(tmp_path, monkeypatch):
-    """evaluate.py --data deepplanning:PATH samples each held-out task as a conversation with tools and scores
-    its last assistant turn with the task's reward (a stand-in reward of 0.25 here: the mean must be it)."""
+@pytest.mark.parametrize("split", ["test", "all"])
+def test_evaluate_reports_the_benchmarks_averages_over_the_split_and_each_task(split, tmp_path, monkeypatch):
+    """evaluate.py --data deepplanning:PATH --split test|all samples each task of the split as a conversation with
+    tools, scores its last assistant turn with the task's official scores, and reports their averages over every
+    task and sample (the published numbers), each task's scores in the JSON, and the composite as the accuracy."""
     import evaluate
     from conftest import char_tokenizer, tiny_causal_lm
     tokenizer = char_tokenizer()
@@ -328,11 +331,70 @@ def test_evaluate_scores_the_held_out_tasks_by_their_reward(tmp_path, monkeypatc
     tiny_causal_lm(tokenizer, 16, layers=1).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     seen = []
-    monkeypatch.setattr(deepplanning, "deepplanning_reward", lambda meta, db, conversation: seen.append(
-        conversation) or 0.25)
+
+    def stand_in(meta, db, conversation):  # different scores at every call, so a misplaced one shows
+        seen.append(conversation)
+        k = len(seen)
+        return dict(delivered=float(k % 2), commonsense=k / 10, personalized=float(k % 3 == 0),
+                    composite=(k / 10 + float(k % 3 == 0)) / 2, case_accuracy=float(k == 3))
+    monkeypatch.setattr(deepplanning, "plan_scores", stand_in)
+    turns, sample = [], rollout.generate_conversations
+    monkeypatch.setattr(rollout, "generate_conversations", lambda *a, **k: turns.append(a[5]) or sample(*a, **k))
     evaluate.main(["--model", str(tmp_path / "model"), "--data", f"deepplanning:{FIXTURE}", "--samples", "2",
-                   "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "eval.json")])
-    summary = json.loads((tmp_path / "eval.json").read_text())["summary"]
-    held_out = len(deepplanning.deepplanning_tasks(str(FIXTURE), "test"))
-    assert summary["benchmark"] == "deepplanning" and summary["problems"] == held_out
-    assert summary["accuracy"] == pytest.approx(0.25) and len(seen) == 2 * held_out
+                   "--split", split, "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "eval.json")])
+    assert set(turns) == {150}  # the official agent's limit of model calls, unless --max-turns says otherwise
+    report = json.loads((tmp_path / "eval.json").read_text())
+    summary, problems = report["summary"], report["problems"]
+    tasks = len(deepplanning.deepplanning_tasks(str(FIXTURE), split))
+    assert tasks == (len(QUERIES) if split == "all" else len(deepplanning.deepplanning_tasks(str(FIXTURE), "test")))
+    assert summary["benchmark"] == "deepplanning" and summary["split"] == split and summary["problems"] == tasks
+    assert len(seen) == 2 * tasks and all(len(p["scores"]) == 2 for p in problems)
+    seen.clear()  # the stand-in's numbers again, in the order it gave them
+    expected = [stand_in(None, None, None) for _ in range(2 * tasks)]
+    assert [score for p in problems for score in p["scores"]] == expected
+    for name, field in (("delivery_rate", "delivered"), ("commonsense", "commonsense"),
+                        ("personalized", "personalized"), ("composite", "composite"),
+                        ("case_accuracy", "case_accuracy")):
+        assert summary[name] == pytest.approx(sum(e[field] for e in expected) / (2 * tasks)), name
+    assert summary["accuracy"] == pytest.approx(summary["composite"]) and summary["max_turns"] == 150
+    assert [p["correct"] for p in problems] == [[e["composite"] for e in expected[2 * i:2 * i + 2]]
+                                                for i in range(tasks)]
+
+
+def test_the_plan_is_delivered_and_extracted_as_the_official_agent_does():
+    """Only closed <plan> blocks (tags in any case) after the last </think> are delivered, joined by a blank line;
+    no tags or an unclosed <plan> deliver nothing and score 0 on every official score."""
+    extract = deepplanning_checks.extract_plan
+    assert extract("Day 1:\nCurrent City: A") == "" and extract("<plan>Day 1:\nCurrent City: A") == ""
+    assert extract("<PLAN> x </Plan>") == "x" and extract("<plan>a</plan> then <plan>\n\n</plan><plan>b</plan>") \
+        == "a\n\nb"
+    assert extract("<plan>draft</plan></THINK>text<plan>final</plan>") == "final"
+    assert extract("<think><plan>inside</plan></think>") == ""
+    db = deepplanning.TravelDatabase(DATABASE / "id_0")
+
+    def scores(content: str) -> dict:
+        return deepplanning.plan_scores(META, db, [{"role": "assistant", "content": content}])
+    for undelivered in (GOOD_PLAN, f"<plan>{GOOD_PLAN}", f"<plan>{GOOD_PLAN}</plan></think>"):
+        assert scores(undelivered) == dict.fromkeys(deepplanning.SCORES, 0.0)
+    assert scores(f"<Plan>{GOOD_PLAN}</PLAN>") == dict(delivered=1.0, commonsense=1.0, personalized=1.0,
+                                                      composite=1.0, case_accuracy=1.0)
+    # a draft and a final block are both delivered: twice the days, so the trip no longer adds up
+    twice = scores(f"<plan>{GOOD_PLAN}</plan>\n<plan>{GOOD_PLAN}</plan>")
+    assert twice["delivered"] == 1.0 and twice["commonsense"] < 1.0 and twice["case_accuracy"] == 0.0
+    days, _ = deepplanning_checks.parse_plan(f"<plan>{GOOD_PLAN}</plan>\n<plan>{GOOD_PLAN}</plan>")
+    assert len(days) == 2 * len(deepplanning_checks.parse_plan(f"<plan>{GOOD_PLAN}</plan>")[0])
+    # one failed hard constraint: personalized 0, composite the mean, no case accuracy
+    over_budget = {**META, "hard_constraints": {**META["hard_constraints"],
+                                                "budget_constraint": {"max_budget": 2000}}}
+    failed = deepplanning.plan_scores(over_budget, db, [{"role": "assistant", "content": f"<plan>{GOOD_PLAN}</plan>"}])
+    assert failed == dict(delivered=1.0, commonsense=1.0, personalized=0.0, composite=0.5, case_accuracy=0.0)
+    no_hard = deepplanning.plan_scores({**META, "hard_constraints": {}}, db,
+                                       [{"role": "assistant", "content": f"<plan>{GOOD_PLAN}</plan>"}])
+    assert no_hard["personalized"] == 0.0 and no_hard["commonsense"] == 1.0  # the official veto needs one to pass
+
+
+def test_split_is_refused_without_deepplanning(capsys):
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "m", "--benchmark", "math500", "--split", "all"])
+    assert "--split chooses DeepPlanning's tasks: use it with --data deepplanning:PATH" in capsys.readouterr().err

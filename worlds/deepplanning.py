@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import tip
-from worlds.deepplanning_checks import DIMENSIONS, parse_plan, plan_checks
+from worlds.deepplanning_checks import DIMENSIONS, extract_plan, parse_plan, plan_checks
 from rollout import Task
 
 SPLIT_SEED = 0
@@ -225,27 +225,39 @@ def travel_tools(db: TravelDatabase) -> list[Callable]:
 
 # ---------------------------------------------------------------- the reward
 
-def deepplanning_reward(meta: dict, db: TravelDatabase, conversation: list[dict]) -> float:
-    """The official composite score from rule-parsed plan text: (commonsense + personalized) / 2, where
-    commonsense is the share of DIMENSIONS whose checks all pass and personalized is 1 iff every hard constraint
-    holds. The plan is the last assistant message's <plan> (0 when it holds no day)."""
+SCORES = ("delivered", "commonsense", "personalized", "composite", "case_accuracy")
+
+
+def plan_scores(meta: dict, db: TravelDatabase, conversation: list[dict]) -> dict[str, float]:
+    """The official per-task scores of the last assistant message's delivered plan (extract_plan): delivered (1 when
+    it holds a closed <plan> block), commonsense (the share of DIMENSIONS whose checks all pass), personalized (1
+    iff there are hard constraints and every one holds), composite (their mean) and case_accuracy (1 iff both are
+    1). A task with no delivered plan scores 0 on each, as the official averages count it."""
     text = next((m.get("content") or "" for m in reversed(conversation) if m["role"] == "assistant"), "")
     days, total = parse_plan(text)
-    if not days:
-        return 0.0
+    if not extract_plan(text) or not days:
+        return dict.fromkeys(SCORES, 0.0) | {"delivered": float(bool(extract_plan(text)))}
     checks = plan_checks(meta, db, days, total)
     commonsense = sum(all(checks[name] for name in names) for names in DIMENSIONS.values()) / len(DIMENSIONS)
     hard = [checks[key] for key in meta.get("hard_constraints", {}) if key in checks]
-    return (commonsense + float(bool(hard) and all(hard))) / 2
+    personalized = float(bool(hard) and all(hard))
+    return dict(delivered=1.0, commonsense=commonsense, personalized=personalized,
+                composite=(commonsense + personalized) / 2, case_accuracy=float(commonsense == personalized == 1.0))
+
+
+def deepplanning_reward(meta: dict, db: TravelDatabase, conversation: list[dict]) -> float:
+    """A conversation's reward: the official composite score of its plan (plan_scores)."""
+    return plan_scores(meta, db, conversation)["composite"]
 
 
 # ---------------------------------------------------------------- tasks and splits
 
 def deepplanning_tasks(path: str, split: str, language: str = "en") -> list[Task]:
-    """The tasks of a split ("train": 80 % of a seeded shuffle of the task ids, "test": the other 20 %), each
-    with the benchmark's opening messages, tools bound to its own database, and its reward."""
-    if split not in ("train", "test"):
-        raise tip.InputError(f"unknown DeepPlanning split {split!r}: choose train or test")
+    """The tasks of a split ("train": 80 % of a seeded shuffle of the task ids, "test": the other 20 %, "all":
+    every task, in the benchmark's order), each with the benchmark's opening messages, tools bound to its own
+    database, its reward and its official scores."""
+    if split not in ("train", "test", "all"):
+        raise tip.InputError(f"unknown DeepPlanning split {split!r}: choose train, test or all")
     root = Path(path)
     queries = root / "data" / f"travelplanning_query_{language}.json"
     databases = root / "database" / f"database_{language}"
@@ -268,12 +280,13 @@ def deepplanning_tasks(path: str, split: str, language: str = "en") -> list[Task
         if missing := [table for table in TABLES.values() if not (folder / table).is_file()]:
             raise tip.InputError(f"task {sample['id']}: {folder} lacks {', '.join(missing)}; {expected}")
     order = sorted(samples, key=lambda s: str(s["id"]).zfill(9))  # the benchmark's order, then a fixed shuffle
-    random.Random(SPLIT_SEED).shuffle(order)
-    cut = len(order) * 4 // 5
+    shuffled = order.copy()
+    random.Random(SPLIT_SEED).shuffle(shuffled)
+    cut = len(shuffled) * 4 // 5
     tasks = []
-    for sample in order[:cut] if split == "train" else order[cut:]:
+    for sample in dict(train=shuffled[:cut], test=shuffled[cut:], all=order)[split]:
         db = TravelDatabase(databases / f"id_{sample['id']}")
-        reward = functools.partial(deepplanning_reward, sample["meta_info"], db)
         tasks.append(Task([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": sample["query"]}],
-                          travel_tools(db), reward))
+                          travel_tools(db), functools.partial(deepplanning_reward, sample["meta_info"], db),
+                          functools.partial(plan_scores, sample["meta_info"], db)))
     return tasks

@@ -42,19 +42,28 @@ def _ends(route: str) -> tuple[str, str]:
     return start.strip(), end.strip()
 
 
+def extract_plan(text: str) -> str:
+    """The delivered plan of a final message, as the official agent extracts it: after the last </think>, every
+    closed <plan>...</plan> block (tags in any case), stripped and joined by a blank line; "" (nothing delivered)
+    when there is none: no tags, or a <plan> never closed."""
+    text = re.split(r"</think>", text, flags=re.I)[-1]
+    blocks = [block.strip() for block in re.findall(r"<plan>(.*?)</plan>", text, flags=re.S | re.I)]
+    return "\n\n".join(block for block in blocks if block)
+
+
 def parse_plan(text: str) -> tuple[list[dict], float | None]:
-    """(days, stated total) of a plan written in the benchmark's line format (see deepplanning.SYSTEM_PROMPT). A day is
-    {"city", "hotel": (name, price) or None, "acts"}; an act has start and end in minutes, type, and the fields
-    of its type (name, price, from, to, mode, number)."""
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
-    plans = re.findall(r"<plan>(.*?)(?:</plan>|$)", text, flags=re.S)
+    """(days, stated total) of a final message's delivered plan (extract_plan), written in the benchmark's line
+    format (see deepplanning.SYSTEM_PROMPT); no days when nothing was delivered. A day is {"city", "hotel": (name,
+    price) or None, "acts"}; an act has start and end in minutes, type, and the fields of its type (name, price,
+    from, to, mode, number)."""
     days, total, summary = [], None, False
-    for line in (plans[-1] if plans else text).splitlines():
+    for line in extract_plan(text).splitlines():
         line = line.replace("**", "").strip().lstrip("#-* ").strip()
         if found := re.match(r"total estimated budget\D*?(\d[\d,]*(?:\.\d+)?)", line, re.I):
             total = float(found.group(1).replace(",", ""))
-        elif re.match(r"day\s*\d+\b", line, re.I):
+        elif re.match(r"day\s*\d+\b", line, re.I):  # also after a summary: every delivered block is read
             days.append({"city": "", "hotel": None, "acts": []})
+            summary = False
         elif not days or summary or re.match(r"budget summary", line, re.I):
             summary = bool(days)  # the summary's lines (e.g. "Accommodation: 882 RMB") belong to no day
             continue
