@@ -161,7 +161,7 @@ def model_generator(model, tokenizer, max_new_tokens: int, temperature: float, t
     def generate(prompts: list[str], n: int) -> list[str]:
         if tasks is not None:
             batch = generate_conversations(model, tokenizer, [tasks[p] for p in prompts], n, max_new_tokens, max_turns,
-                                           temperature, top_p, seed + next(calls), switches, batch_size)
+                                           temperature, top_p, seed + next(calls), switches, batch_size, engine)
             return [next(m["content"] for m in reversed(c) if m["role"] == "assistant") for c in batch.conversations]
         if engine is not None:
             return engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed=seed + next(calls)).texts
@@ -183,7 +183,7 @@ def held_out_accuracy(student, tokenizer, problems: list[dict], config: tip.Conf
     if work:
         tasks = {p["prompt"]: p["task"] for p in work if p.get("task") is not None} or None
         generate = model_generator(student, tokenizer, config.max_response_len, config.temperature,
-                                   config.top_p, seed, None, None if tasks else engine, tasks,
+                                   config.top_p, seed, None, engine, tasks,
                                    config.max_turns, data.template_switches(config))
         per_call = len(work) if sharded else config.micro_batch_size
         with tip.autocast(next(student.parameters()).device):
@@ -322,8 +322,6 @@ def main(argv: list[str] | None = None) -> None:
         tasks = worlds.world_tasks(args.benchmark, problems, tokenizer, switches) if bare else None
         if planning:
             problems, prompts, tasks, judge = planning_tasks(args, plans, tokenizer)
-        if tasks and args.engine == "vllm":
-            raise tip.InputError("--engine vllm samples single-turn prompts; conversations with tools use --engine hf")
         engine = None
         if args.engine == "vllm":
             longest = max(map(len, data.encode_prompts(tokenizer, prompts)))

@@ -272,11 +272,13 @@ def tool_glue(tokenizer, results: list[str], tools: list[Callable], end_of_turn:
 
 def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_tokens: int, max_turns: int,
                            temperature=1.0, top_p=1.0, seed=None, switches: dict | None = None,
-                           batch_size=None) -> Rollouts:
+                           batch_size=None, engine=None) -> Rollouts:
     """n conversations per task (§7): the student samples a turn; each tool call in it is run and its result
     appended through the chat template; sampling goes on until a turn calls no tool, `max_turns` turns are
     sampled, or `max_new_tokens` tokens (sampled and tool results together) follow the opening prompt. One row
-    per conversation in `generate_rollouts`' layout; `response_mask` holds exactly the sampled tokens."""
+    per conversation in `generate_rollouts`' layout; `response_mask` holds exactly the sampled tokens. With
+    `engine` (a vllm_engine.VLLMEngine holding the student's weights) the turns are sampled by it, each row up to
+    its own remaining budget."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be at least 1 (got {max_turns})")
     prompts = [tokenizer.apply_chat_template(t.messages, tools=t.tools or None, tokenize=False,
@@ -288,14 +290,16 @@ def generate_conversations(model, tokenizer, tasks: list[Task], n: int, max_new_
     tokens, sampled = [[] for _ in range(rows)], [[] for _ in range(rows)]
     conversations = [[dict(m) for m in tasks[b // n].messages] for b in range(rows)]
     live = list(range(rows))
-    synced = tip.is_distributed() and tip.is_sharded(inner)  # FSDP2: ranks sample as many turns (sample_tokens)
+    # FSDP2 without an engine: ranks sample as many turns (sample_tokens); an engine holds whole weights
+    synced = engine is None and tip.is_distributed() and tip.is_sharded(inner)
     for turn in range(max_turns):
         if not (tip.all_reduce_max(float(bool(live)), next(inner.parameters()).device) if synced else live):
             break
         contexts = [encoded[b // n] + tokens[b] for b in live] or encoded[:1]  # done here, not on every rank
-        room = max([max_new_tokens - len(tokens[b]) for b in live] or [1])
-        turns = sample_tokens(model, tokenizer, contexts, 1, room, temperature, top_p,
-                              None if seed is None else seed + 7919 * turn, batch_size)
+        rooms = [max_new_tokens - len(tokens[b]) for b in live] or [1]
+        turn_seed = None if seed is None else seed + 7919 * turn
+        turns = (engine.sample_tokens(contexts, rooms, temperature, top_p, turn_seed) if engine is not None else
+                 sample_tokens(model, tokenizer, contexts, 1, max(rooms), temperature, top_p, turn_seed, batch_size))
         still = []
         for b, new in zip(live, turns):
             new = new[:max_new_tokens - len(tokens[b])]

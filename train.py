@@ -64,16 +64,18 @@ def sample_rollouts(step: int, student, tokenizer, prompts: list[dict], config: 
     texts = [p["prompt"] for p in mine]
     if mine[0].get("task") is not None:  # conversations with tools: only the student's own turns are trained
         with tip.autocast(device):
-            return mine, generate_conversations(student, tokenizer, [p["task"] for p in mine], 1,
-                                                config.max_response_len, config.max_turns, config.temperature,
-                                                config.top_p, seed, data.template_switches(config))
-    if engine is not None:
+            rollouts = generate_conversations(student, tokenizer, [p["task"] for p in mine], 1,
+                                              config.max_response_len, config.max_turns, config.temperature,
+                                              config.top_p, seed, data.template_switches(config), engine=engine)
+    elif engine is not None:
         rollouts = engine.generate(texts, 1, config.max_response_len, config.temperature, config.top_p, seed=seed)
-        engine.sleep()
-        return mine, rollouts
-    with tip.autocast(device):
-        return mine, generate_rollouts(student, tokenizer, texts, 1, config.max_response_len, config.temperature,
-                                       config.top_p, seed=seed)
+    else:
+        with tip.autocast(device):
+            rollouts = generate_rollouts(student, tokenizer, texts, 1, config.max_response_len, config.temperature,
+                                         config.top_p, seed=seed)
+    if engine is not None:
+        engine.sleep()  # its memory is the training step's until the next sync
+    return mine, rollouts
 
 
 def micro_batches(student, batch: Rollouts, config: tip.Config) -> list[list[int]]:
@@ -318,9 +320,6 @@ def setup(config: tip.Config, device):
     teacher, student, tokenizer = worlds.load_pair(config, device)
     prepare_student(student, config)
     prompts = worlds.load_prompts(config, tokenizer)
-    if config.engine == "vllm" and prompts[0].get("task") is not None:
-        raise tip.InputError(f"--engine vllm samples single-turn prompts; {config.prompts}'s conversations with "
-                             "tools use --engine hf")
     if min(config.prompts_per_step, len(prompts)) * config.rollouts_per_prompt < tip.world_size():
         raise tip.InputError(f"{len(prompts)} prompts x {config.rollouts_per_prompt} rollouts cannot give each of "
                              f"{tip.world_size()} processes a rollout: use more prompts or fewer processes")

@@ -89,7 +89,11 @@ class VLLMEngine:
         fp32 = self.llm.llm_engine.model_config.dtype == torch.float32
         self.check_every, self.check_tolerance = check_every, check_tolerance or (0.05 if fp32 else 1.0)
         self.syncs, self.last_gap = 0, None
-        self.sync(model)
+        try:
+            self.sync(model)
+        except BaseException:  # an engine that failed its first check is shut down, not left holding vLLM's state
+            self.close()
+            raise
 
     def sync(self, model) -> None:
         """Load the current weights θ of the transformers `model` into the engine (waking it if asleep), then,
@@ -161,24 +165,35 @@ class VLLMEngine:
                  show_progress=False) -> Rollouts:
         """`generate_rollouts` through the engine: same layout, stop tokens and sampling; temperature 0 is
         greedy. With a `seed` the samples are reproducible, whatever else the engine runs."""
+        encoded = encode_for_sampling(self.tokenizer, prompts, n, max_new_tokens)
+        responses = self._sample(encoded, n, [max_new_tokens] * len(encoded), temperature, top_p, seed, show_progress)
+        return to_rollouts(self.tokenizer, encoded, responses, n, self.eos, self.pad, self.device)
+
+    def sample_tokens(self, contexts: list[list[int]], max_new_tokens: list[int], temperature=1.0, top_p=1.0,
+                      seed=None) -> list[list[int]]:
+        """One continuation of each token context, at most max_new_tokens[i] tokens, up to and with its stop token:
+        `rollout.sample_tokens` through the engine, for the turns of `rollout.generate_conversations`."""
+        return self._sample(contexts, 1, max_new_tokens, temperature, top_p, seed)
+
+    def _sample(self, encoded: list[list[int]], n: int, max_new_tokens: list[int], temperature: float, top_p: float,
+                seed: int | None, show_progress: bool = False) -> list[list[int]]:
+        """n responses per token context (context-major), each its own length limit, ending at a stop token."""
         from vllm import SamplingParams
         if self.stale:
             raise ValueError("the engine's weights are stale after sleep(): call sync(model) first")
-        encoded = encode_for_sampling(self.tokenizer, prompts, n, max_new_tokens)
         limit = self.llm.llm_engine.model_config.max_model_len
-        if max(map(len, encoded)) + max_new_tokens > limit:
-            raise ValueError(f"prompt + max_new_tokens = {max(map(len, encoded)) + max_new_tokens} exceeds the "
-                             f"engine's max_model_len {limit}: rollouts would be cut short")
+        if (longest := max(len(ids) + new for ids, new in zip(encoded, max_new_tokens))) > limit:
+            raise ValueError(f"context + max_new_tokens = {longest} exceeds the engine's max_model_len {limit}: "
+                             "rollouts would be cut short")
         copies = n if temperature <= 0 else 1  # vLLM decodes greedily once per prompt: n equal rows
         # vLLM seeds the n samples of a request with s, s + 1, ...: each prompt draws its own s
         draw = random.Random(seed)
-        params = [SamplingParams(n=n // copies, max_tokens=max_new_tokens, temperature=max(temperature, 0.0),
-                                 top_p=top_p, top_k=0, seed=None if seed is None else draw.randrange(2 ** 31),
-                                 detokenize=False, ignore_eos=True, stop_token_ids=self.eos)  # our EOS list only
-                  for _ in encoded]
+        params = [SamplingParams(n=n // copies, max_tokens=new, temperature=max(temperature, 0.0), top_p=top_p,
+                                 top_k=0, seed=None if seed is None else draw.randrange(2 ** 31), detokenize=False,
+                                 ignore_eos=True, stop_token_ids=self.eos)  # our EOS list only
+                  for new in max_new_tokens]
         with torch.random.fork_rng(devices=self._devices, enabled=seed is not None):  # vLLM draws from it too
             outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params,
                                         use_tqdm=show_progress)
-        responses = [list(c.token_ids) for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)
-                     for _ in range(copies)]
-        return to_rollouts(self.tokenizer, encoded, responses, n, self.eos, self.pad, self.device)
+        return [list(c.token_ids) for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)
+                for _ in range(copies)]

@@ -85,3 +85,42 @@ def test_two_processes_with_the_engine(pair, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(line["response_tokens"] > 0 and not line["skipped"] for line in lines)
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+
+
+def test_conversations_with_tools_are_sampled_by_the_engine(pair, tmp_path, monkeypatch):
+    """With tasks (conversations with tools), train.py samples every turn of the rollouts and of the held-out
+    evaluation through the engine, never through transformers generate, and trains on them; the engine sleeps
+    after each step's sampling and is synced from the trained weights before the next."""
+    import rollout
+    import worlds
+
+    def count(name: str) -> int:
+        """The number a name spells.
+
+        Args:
+            name: digits
+        """
+        return int(name)
+
+    tokenizer = char_tokenizer()
+    tasks = [rollout.Task([{"role": "user", "content": f"{a}+1="}], [count]) for a in range(4)]
+    config_prompts = [{"prompt": tokenizer.apply_chat_template(t.messages, tokenize=False, add_generation_prompt=True),
+                       "answer": None, "task": t} for t in tasks]
+    monkeypatch.setattr(worlds, "load_prompts", lambda config, tokenizer: config_prompts)
+    monkeypatch.setattr(worlds, "held_out_problems", lambda config, tokenizer: [{**p, "answer": "1"}
+                                                                                for p in config_prompts[:2]])
+    monkeypatch.setattr(rollout, "sample_tokens", lambda *a, **k: pytest.fail("sampled with generate"))
+    events, real = [], {name: getattr(vllm_engine.VLLMEngine, name) for name in ("sample_tokens", "sleep", "sync")}
+    for name in real:
+        monkeypatch.setattr(vllm_engine.VLLMEngine, name, lambda self, *a, _name=name, **k: events.append(_name)
+                            or real[_name](self, *a, **k))
+    train.main(cli(pair, tmp_path, "--run-name", "talk", "--steps", "2", "--max-turns", "2"))
+    lines = [json.loads(line) for line in (tmp_path / "talk" / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "kept_tokens" in line]
+    assert len(steps) == 2 and all(line["response_tokens"] > 0 and not line["skipped"] for line in steps)
+    assert [line["step"] for line in lines if "held_out_accuracy" in line] == [0, 2]
+    # the sync at creation; the held-out turns and step 1's; per step: sleep, then the sync of its weights, and
+    # the next turns (step 2's, then the held-out ones after training)
+    collapsed = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
+    assert collapsed == ["sync", "sample_tokens", "sleep", "sync", "sample_tokens", "sleep", "sync",
+                         "sample_tokens"], collapsed

@@ -124,6 +124,57 @@ def test_greedy_equals_generate_token_for_token(student, tokenizer, prompts, sto
     assert tokenizer.eos_token_id in hf.input_ids[hf.response_mask].tolist()
 
 
+def tool_calling_student(tokenizer, tasks, turns, steps=400):
+    """A student that learned each task's scripted assistant turns (`turns[i]`, a tool call and then an answer),
+    with the tool's real results between them: greedy decoding replays a conversation with tools."""
+    model = qwen3(tokenizer, initializer_range=0.02)
+    rows, targets = [], []
+    for task, texts in zip(tasks, turns):
+        messages = [dict(m) for m in task.messages]
+        for text in texts:
+            messages.append({"role": "assistant", "content": text})
+            for call in rollout.parse_tool_calls(text):
+                messages.append({"role": "tool", "content": rollout.run_tool_call(
+                    call, {tool.__name__: tool for tool in task.tools})})
+        ids = tokenizer.apply_chat_template(messages, tools=task.tools, tokenize=True, return_dict=True)["input_ids"]
+        rows.append(ids)
+    batch, mask = rollout.left_padded(rows, tokenizer.pad_token_id)
+    labels = batch.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=batch, attention_mask=mask, position_ids=position_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@requires_vllm
+def test_greedy_conversations_with_tools_equal_generate_token_for_token():
+    """rollout.generate_conversations through the engine: under greedy decoding the same turns, tool results and
+    masks as transformers generate, token for token, over several turns and with each row's own budget."""
+    from test_conversations import CALL_A, lookup, tokenizer_with_tools
+    tokenizer = tokenizer_with_tools()
+    tasks = [rollout.Task([{"role": "user", "content": f"task {i}"}], [lookup]) for i in range(3)]
+    turns = [[CALL_A, "A is 7"], ["42"], [CALL_A.replace('"A"', '"B"'), "B is 3"]]
+    model = tool_calling_student(tokenizer, tasks, turns)
+    engine = vllm_engine.VLLMEngine(model, tokenizer, max_model_len=MAX_LEN)
+    try:
+        for budget in (170, 60):  # room for every turn; a limit that cuts the conversations short
+            hf = rollout.generate_conversations(model, tokenizer, tasks, 2, budget, 4, temperature=0)
+            ours = rollout.generate_conversations(model, tokenizer, tasks, 2, budget, 4, temperature=0, engine=engine)
+            for field in ("input_ids", "attention_mask", "response_mask", "prompt_lengths", "prompt_index"):
+                assert torch.equal(getattr(hf, field), getattr(ours, field)), (budget, field)
+            assert hf.conversations == ours.conversations and hf.texts == ours.texts
+            if budget == 170:  # the learned conversations: a tool call, its result, then the answer
+                assert [m["role"] for m in hf.conversations[0]] == ["user", "assistant", "tool", "assistant"]
+                assert hf.conversations[0][2]["content"] == "7" and hf.conversations[4][2]["content"] == "3"
+                assert [m["role"] for m in hf.conversations[2]] == ["user", "assistant"]
+    finally:
+        engine.close()
+
+
 @requires_vllm
 def test_samples_follow_top_p_and_the_seed(engine, student, tokenizer, prompts):
     """Every sampled token lies in the nucleus of the student's own distribution (no top-k or temperature
