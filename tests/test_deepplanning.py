@@ -398,3 +398,42 @@ def test_split_is_refused_without_deepplanning(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--model", "m", "--benchmark", "math500", "--split", "all"])
     assert "--split chooses DeepPlanning's tasks: use it with --data deepplanning:PATH" in capsys.readouterr().err
+
+
+def test_parsing_does_not_depend_on_case_or_on_how_a_price_is_written():
+    """Keywords, activity types, modes and city names in any case, and prices written ¥30, 30 RMB, 30 yuan,
+    CNY 30 or RMB30, all read as the clean plan: every check still passes."""
+    variants = {
+        "capitalised route": [("from Hefei to Nanjing", "From Hefei to Nanjing"),
+                              ("from Nanjing to Hefei", "FROM Nanjing TO Hefei")],
+        "cities in lower case": [("from Hefei to Nanjing", "from hefei to nanjing"),
+                                 ("from Nanjing to Hefei", "from nanjing to hefei")],
+        "types and modes in any case": [("| attraction |", "| Attraction |"), ("| meal |", "| MEAL |"),
+                                        ("train G7798", "Train G7798"), ("| hotel |", "| Hotel |")],
+        "CNY before the number": [("¥30/person", "CNY 30/person"), ("¥120/person", "CNY 120 per person")],
+        "RMB and yuan": [("¥30/person", "30 RMB/person"), ("¥120/person", "RMB120/person"),
+                         ("¥40/person", "40 yuan/person")],
+    }
+    for name, replacements in variants.items():
+        plan = GOOD_PLAN
+        for old, new in replacements:
+            assert old in plan, (name, old)
+            plan = plan.replace(old, new)
+        reward, checks = score(plan)
+        assert [check for check, ok in checks.items() if not ok] == [] and reward == 1.0, name
+    days, _ = deepplanning_checks.parse_plan(f"<plan>{GOOD_PLAN.replace('¥30/person', 'CNY 30/person')}</plan>")
+    assert [(a["name"], a["price"]) for a in days[0]["acts"] if a["type"] == "attraction"] == [
+        ("Nanjing City Wall Taicheng Scenic Area", 30.0), ("Nanjing Deji Plaza", 0.0)]
+
+
+def test_an_arrival_after_midnight_is_read_on_the_clock_as_officially():
+    """The official meal and sight rules read a train's arrival on the clock: one that leaves at 23:00 and
+    arrives at 00:30 arrives at 0.5 h (early: two meals and a sight that day), not at 24.5 h."""
+    late = GOOD_PLAN.replace("08:00-09:00 | travel_intercity_public", "23:00-00:30 | travel_intercity_public")
+    days, _ = deepplanning_checks.parse_plan(f"<plan>{late}</plan>")
+    train = next(a for a in days[0]["acts"] if a["type"] == "travel_intercity_public")
+    assert (train["start"], train["end"]) == (23 * 60, 24 * 60 + 30)  # ordered after its start, for overlaps
+    _, checks = score(late)
+    assert checks["essential_meal_coverage"] and checks["essential_attraction_coverage"]
+    one_meal = late.replace("12:50-14:00 | meal | Lunch, Six Dynasties Pine Teahouse, ¥120/person\n", "")
+    assert not score(one_meal)[1]["essential_meal_coverage"]  # arriving at 00:30 needs both meals

@@ -1,9 +1,11 @@
 """Rule-based scoring of a DeepPlanning travel plan: the final <plan> parsed into days and activities, its cost,
 and the official commonsense and hard-constraint checks, by their official names and in their 8 dimensions.
 
-What differs from the official scoring: the official pipeline first turns the plan into JSON with a hosted LLM
-(qwen-plus); here rules parse the plan text, so a line that strays from the benchmark's line format (the one
-deepplanning.SYSTEM_PROMPT asks for) counts as absent, and only English plans are read.
+The plan is delivered as the official agent extracts it (extract_plan). What still differs from the official
+scoring: the official pipeline turns the plan into JSON with a hosted LLM (qwen-plus); here rules parse the plan
+text, so a line that strays from the benchmark's line format (the one deepplanning.SYSTEM_PROMPT asks for) counts
+as absent, and only English plans are read. The rules read keywords and city names in any case and a price
+however it is written (¥30, 30 RMB, CNY 30), where the official route match is case-sensitive.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ def _minutes(clock: str) -> int:
 
 
 def _price(text: str) -> float | None:
-    found = (re.search(r"[¥￥]\s*(\d[\d,]*(?:\.\d+)?)", text)
-             or re.search(r"(\d[\d,]*(?:\.\d+)?)\s*(?:rmb|yuan|cny)", text, re.I))
+    """A price however it is written: ¥30, 30 RMB, 30 yuan, CNY 30, RMB30; "free" is 0."""
+    found = (re.search(r"(?:[¥￥]|\b(?:rmb|cny)(?![a-z]))\s*(\d[\d,]*(?:\.\d+)?)", text, re.I)
+             or re.search(r"(\d[\d,]*(?:\.\d+)?)\s*(?:rmb|yuan|cny)\b", text, re.I))
     return float(found.group(1).replace(",", "")) if found else (0.0 if "free" in text.lower() else None)
 
 
@@ -73,7 +76,7 @@ def parse_plan(text: str) -> tuple[list[dict], float | None]:
             name, price = _name_and_price(found.group(1).replace("/room/night", ""))
             days[-1]["hotel"] = None if name in ("", "-") else (name, price)
         elif found := re.match(r"(\d{1,2}:\d{2})\s*[-–~]\s*(\d{1,2}:\d{2})\s*\|\s*(\w+)\s*\|\s*(.*)", line):
-            (start, end), kind, details = map(_minutes, found.group(1, 2)), found.group(3), found.group(4)
+            (start, end), kind, details = map(_minutes, found.group(1, 2)), found.group(3).lower(), found.group(4)
             act = {"start": start, "end": end + 1440 * (end < start), "type": kind, "name": "", "price": None}
             if kind == "travel_intercity_public":
                 vehicle, _, rest = details.partition(",")
@@ -112,7 +115,8 @@ WEEKDAYS = {name: i % 7 + 1 for i, name in enumerate("monday tuesday wednesday t
 
 
 def _city(text: str | None) -> str:
-    return re.sub(r"[（(].*?[)）]", "", text or "").strip()
+    """A city name as the checks compare it: without a parenthesised part, in any case ("hefei" is "Hefei")."""
+    return re.sub(r"[（(].*?[)）]", "", text or "").strip().casefold()
 
 
 def _from_to(current_city: str) -> tuple[str, str]:
@@ -163,8 +167,8 @@ def _meals_and_sights(days: list[dict], org: str) -> tuple[bool, bool]:
                        or a["type"] == "travel_city" and (a["from"] in names or a["to"] in names))
             meals_ok &= len(meals) >= 2 and spaced
             sights_ok &= busy >= 240 or len(sights) >= 2
-        elif trip:
-            leave, arrive = trip["start"] / 60, trip["end"] / 60
+        elif trip:  # the official rule reads the clock: a train that arrives at 00:30 arrives at 0.5
+            leave, arrive = trip["start"] / 60, trip["end"] % 1440 / 60
             if start != org:
                 meals_ok &= not meals if leave < 9 else len(meals) <= 1 if leave < 15 else bool(meals) and spaced
                 sights_ok &= leave <= 16 or bool(sights)
