@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, BenchFlags, Verdicts, gib, load_average,
-                    machine_line, measured, parse_bench_flags, run_variants, size_arg, step_agreement, step_setup,
-                    step_time, teacher_hidden_size, time_cell, warm_up_batch)
-import tip  # noqa: E402  (common has put the project on the path)
+from agreement import Verdicts, step_agreement
+from flags import MODEL_SIZE_HELP, THREADS_HELP, BenchFlags, parse_bench_flags, size_arg
+from processes import run_variants
+from readings import gib, load_average, machine_line, step_time, time_cell
+from synthetic import STEP_MODULES, measured, step_setup, teacher_hidden_size, warm_up_batch
+import tip  # noqa: E402  (flags has put the project on the path)
 
 # The claims measured. train.py claims its peak is one micro-batch's, whatever the step's size, for the price of a
 # second student forward per micro-batch; the single-forward path (every micro-batch's student graph kept from
@@ -29,20 +31,20 @@ import tip  # noqa: E402  (common has put the project on the path)
 # with Qwen3's vocabulary V = 151,936, set up by `train.prepare_student` as train.py does (fp32 master weights,
 # training mode, gradient checkpointing), a teacher of the same depth 1.5× wider (in --dtype), the type_aware rule
 # at its default ρ, at 1, 2, 4 and 8 micro-batches of --micro-batch-size rollouts × ≤ --response-len tokens
-# (synthetic rollouts in rollout.py's layout, common.make_rollouts). With one micro-batch train.py takes the
+# (synthetic rollouts in rollout.py's layout, synthetic.make_rollouts). With one micro-batch train.py takes the
 # single-forward path either way, so the two columns of that row measure the same code: their time ratio shows how
 # far the times can be trusted. On GPU the student computes under train.py's bf16 autocast.
 #
-# How. Each variant (micro-batches × path) runs in its own fresh process (common.run_variants): models, batch and
+# How. Each variant (micro-batches × path) runs in its own fresh process (processes.run_variants): models, batch and
 # AdamW as train.py's setup builds them, a warm-up step at learning rate 0 on 2 short rollouts (AdamW's moments
 # then exist and the weights are unchanged, so both paths start their first timed step from the same weights),
 # then --repeats timed steps. Peak: the largest, over the timed steps, of the memory above the state before the
-# step (common.measure: max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each
-# step). Time: the median step; the time target compares CPU time on a CPU (common.step_time: a step's own work,
+# step (readings.measure: max_memory_allocated on GPU; on CPU ru_maxrss, lowered to the current RSS before each
+# step). Time: the median step; the time target compares CPU time on a CPU (readings.step_time: a step's own work,
 # which a shared machine's load moves less) and wall time on GPU; on CPU the wall times are printed too. On CPU the
 # two paths of one size are alive together and take their timed steps in turn, so a shared machine's changing
 # load slows both alike; on GPU they run one after the other (one variant's memory at a time). Both paths' first
-# timed steps are compared (common.step_agreement): the loss, the gradient norm before clipping, and the clipped
+# timed steps are compared (agreement.step_agreement): the loss, the gradient norm before clipping, and the clipped
 # gradients the optimizer steps with, tensor by tensor as max |Δ| / max |g|.
 #
 # Targets: two-pass peak at the most micro-batches ≤ 1.2× its peak at the fewest (one); two-pass step time
@@ -94,8 +96,8 @@ def variant_name(micro_batches: int, path: str) -> str:
 # ---------------------------------------------------------------- what a child runs
 
 def prepare(variant: str, args):
-    """Child process: common.step_setup (models, the batch of this many micro-batches, optimizer, warm-up).
-    Returns (step, finish) for common.run_variants; the first step saves its gradients."""
+    """Child process: synthetic.step_setup (models, the batch of this many micro-batches, optimizer, warm-up).
+    Returns (step, finish) for processes.run_variants; the first step saves its gradients."""
     import train
 
     micro_batches, path = variant.split("x", 1)
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(two_pass: dict, single: dict, args) -> tuple[bool, str] | None:
-    """common.step_agreement of the two paths, their gradient files then deleted; None when one failed."""
+    """agreement.step_agreement of the two paths, their gradient files then deleted; None when one failed."""
     if "error" in two_pass or "error" in single:
         return None
     exact = args.device == "cpu" and args.dtype == "float32"

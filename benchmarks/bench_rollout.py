@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from common import machine_line, require_positive
+from flags import require_positive
+from readings import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from common import (THREADS_HELP, BenchFlags, Verdicts, gib, machine_line, max_abs, max_abs_diff, measure,
-                    parse_bench_flags, run_variants, size_arg, step_time, time_cell)
-import score  # noqa: E402  (common has put the project on the path)
+from agreement import Verdicts, max_abs, max_abs_diff
+from flags import THREADS_HELP, BenchFlags, parse_bench_flags, size_arg
+from processes import run_variants
+from readings import gib, machine_line, measure, step_time, time_cell
+import score  # noqa: E402  (flags has put the project on the path)
 import tip  # noqa: E402
 
 # Why chunk (Eq. 1; Eq. 9 over the kept tokens). The loss is the mean reverse KL, KL(P_S ‖ P_T), over N response
@@ -29,16 +31,16 @@ import tip  # noqa: E402
 # fewer full-vocabulary rows. `score.reverse_kl_loss` instead computes each chunk's gradient in its forward pass
 # and never holds more than `chunk_size` rows of [·, V] tensors.
 #
-# How it is measured. Each variant runs in its own fresh process (common.run_variants):
+# How it is measured. Each variant runs in its own fresh process (processes.run_variants):
 #   naive    full student and teacher logits [N, V], fp32 log-softmax, mean reverse KL, autograd backward
 #            to the student hidden states and LM head;
 #   chunked  score.reverse_kl_loss(..., chunk_size), forward + backward.
 # Each child builds its inputs and takes one warm-up step; then both children, alive together, take their
 # --repeats timed steps in turn (a shared machine's changing load hits both alike). For each the table gives the
-# largest peak memory above the state right before a step (common.measure: CUDA's max_memory_allocated on GPU;
+# largest peak memory above the state right before a step (readings.measure: CUDA's max_memory_allocated on GPU;
 # on CPU ru_maxrss, lowered to the current RSS before each step), the median wall time (and CPU time, on CPU),
 # and the chunked/naive ratios against the targets: memory ≤ 10 % of naive, time ≤ 1.0× naive, where time is CPU
-# time on a CPU (common.step_time: a step's own work, which a shared machine's load moves less) and wall time on
+# time on a CPU (readings.step_time: a step's own work, which a shared machine's load moves less) and wall time on
 # GPU. The children save their loss and gradients and the parent prints the largest differences, so a fast wrong
 # path, or a backward with the wrong sign, cannot pass.
 #
@@ -103,7 +105,7 @@ def make_inputs(args, device: torch.device, dtype: torch.dtype):
 
 
 def prepare(variant: str, args):
-    """Child process: the inputs and one warm-up step; returns (step, finish) for common.run_variants.
+    """Child process: the inputs and one warm-up step; returns (step, finish) for processes.run_variants.
     Every step starts without gradients; finish saves the last step's gradients for the parent."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     inputs = make_inputs(args, device, dtype)

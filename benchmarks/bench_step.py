@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, BenchFlags, Verdicts, gib, machine_line, measured,
-                    parse_bench_flags, run_variants, size_arg, step_agreement, step_setup, teacher_hidden_size,
-                    time_cell, warm_up_batch)
-import tip  # noqa: E402  (common has put the project on the path)
+from agreement import Verdicts, step_agreement
+from flags import MODEL_SIZE_HELP, THREADS_HELP, BenchFlags, parse_bench_flags, size_arg
+from processes import run_variants
+from readings import gib, machine_line, time_cell
+from synthetic import STEP_MODULES, measured, step_setup, teacher_hidden_size, warm_up_batch
+import tip  # noqa: E402  (flags has put the project on the path)
 
 # Why the peak should not grow with ρ. TIP trains on KL(P_S ‖ P_T) at the kept tokens only (Eq. 9). In the paper's
 # base repository the memory saving of selection comes from fewer full-vocabulary rows: it keeps each chunk's fp32
@@ -38,23 +40,23 @@ import tip  # noqa: E402  (common has put the project on the path)
 # --layers each) with Qwen3's vocabulary V = 151,936, so that, as in real models, the vocabulary dominates; the
 # student is set up by `train.prepare_student`, as train.py does it (fp32 master weights, training mode, gradient
 # checkpointing unless --no-gradient-checkpointing), with train.py's bf16 autocast on GPU; the teacher is in
-# --dtype. The batch is synthetic rollouts laid out as rollout.py returns them (common.make_rollouts), so nothing
+# --dtype. The batch is synthetic rollouts laid out as rollout.py returns them (synthetic.make_rollouts), so nothing
 # depends on sampling. The default batch is 16 rollouts × ≤256 tokens on GPU and 8 × ≤128 on CPU: the naive step
 # holds about 8 fp32 [B, L, V] tensors at its peak, about 21 GiB of RAM at 16 × 256.
 #
-# How memory is measured. Each variant runs in its own fresh process, one after another (common.run_variants).
+# How memory is measured. Each variant runs in its own fresh process, one after another (processes.run_variants).
 # The child builds the models, the batch and the AdamW optimizer (as train.py's setup does), then takes one
 # warm-up step at learning rate 0 on a 2-rollout batch of 8 response tokens: that allocates AdamW's moment
 # buffers, which every later step finds in place, and leaves the weights as they were, so every variant's first
 # timed step starts from the same weights and the state right before each timed step is the same for every
 # variant (weights, teacher, optimizer state, batch; no gradients, as train_step leaves them). The reported peak is
-# the largest, over the timed steps, of the memory above that state (common.measure: CUDA's max_memory_allocated
+# the largest, over the timed steps, of the memory above that state (readings.measure: CUDA's max_memory_allocated
 # on GPU; on CPU ru_maxrss, lowered to the current RSS before each step). Time is the median wall time of
 # --repeats steps (CUDA synchronised), and on CPU their median CPU time too: on a shared CPU wall time depends on
 # the other jobs (the load average is printed before and after), CPU time much less.
 #
 # Agreement. The ρ = 1.0 step and the naive step compute the same loss and gradient (Eq. 9 with every token kept
-# is Eq. 1), so their first timed steps, from the same weights, are compared (common.step_agreement): the losses,
+# is Eq. 1), so their first timed steps, from the same weights, are compared (agreement.step_agreement): the losses,
 # the gradient norms before clipping, and the clipped gradients the optimizer steps with (kept by a pre-step hook,
 # which allocates nothing), tensor by tensor as max |Δ| / max |g|. A fast wrong path, or a backward with the wrong
 # sign or scale, cannot pass.
@@ -131,8 +133,8 @@ def naive_step(student, teacher, batch, optimizer, config) -> dict:
 
 
 def prepare(variant: str, args):
-    """Child process: common.step_setup (models, batch, optimizer, warm-up). Returns (step, finish) for
-    common.run_variants; the first step of a COMPARED variant saves its gradients."""
+    """Child process: synthetic.step_setup (models, batch, optimizer, warm-up). Returns (step, finish) for
+    processes.run_variants; the first step of a COMPARED variant saves its gradients."""
     import train
 
     ratio = 0.0 if variant == "naive" else float(variant.split("=")[1])

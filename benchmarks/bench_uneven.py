@@ -23,28 +23,30 @@ from types import SimpleNamespace
 
 import torch
 
-from common import (MODEL_SIZE_HELP, STEP_MODULES, THREADS_HELP, BenchFlags, Verdicts, gib, machine_line, measured,
-                    parse_bench_flags, random_qwen3, run_variants, size_arg, step_agreement, step_time,
-                    teacher_hidden_size, time_cell, warm_up_batch)
-import data  # noqa: E402  (common has put the project on the path)
+from agreement import Verdicts, step_agreement
+from flags import MODEL_SIZE_HELP, THREADS_HELP, BenchFlags, parse_bench_flags, size_arg
+from processes import run_variants
+from readings import gib, machine_line, step_time, time_cell
+from synthetic import STEP_MODULES, measured, random_qwen3, teacher_hidden_size, warm_up_batch
+import data  # noqa: E402  (flags has put the project on the path)
 import pair  # noqa: E402
 import tip  # noqa: E402
 
 # What and how. The paper's step is 8 prompts × 16 rollouts over 8 GPUs: 16 rollouts per rank, responses up to
 # 8,192 tokens, most far shorter. Here the responses are log-normal (median cap / 4, σ 0.8, cut at the cap) and
 # the prompts uniform in [--prompt-min, --prompt-max], laid out as rollout.py returns them (prompts left-padded,
-# responses right-padded). Every variant trains the same rollouts from the same weights (common.random_qwen3, the
+# responses right-padded). Every variant trains the same rollouts from the same weights (synthetic.random_qwen3, the
 # teacher 1.5× wider; train.prepare_student and train.make_optimizer as train.py does; a warm-up step at lr 0 so
-# AdamW's moments exist) in its own fresh process (common.run_variants; on CPU all alive at once, taking their
+# AdamW's moments exist) in its own fresh process (processes.run_variants; on CPU all alive at once, taking their
 # timed steps in turn, so a shared machine's load slows them alike). Time: the median step, CPU time on a CPU
-# (common.step_time), wall time beside it. Peak: common.measure (ru_maxrss above the state before the step on
+# (readings.step_time), wall time beside it. Peak: readings.measure (ru_maxrss above the state before the step on
 # CPU, max_memory_allocated on GPU). Tokens computed: Σ over the step's micro-batches (train.micro_batches, counted
 # here from the same rollouts) of what the forward runs, pair.trimmed's padded [rows, columns] or pair.packed's
 # one row; real: the attention mask's sum. `budget` trains micro-batches of exactly the budget (two rollouts of
 # --prompt-max + cap tokens, one a micro-batch): the memory a token budget promises to stay near. `tokens` and
 # `packed` must keep their micro-batches within the budget (no rollout here is longer than it).
 #
-# Agreement. Every other variant must agree with `one` (common.step_agreement: loss, gradient norm, clipped
+# Agreement. Every other variant must agree with `one` (agreement.step_agreement: loss, gradient norm, clipped
 # gradients) on a step at ρ = 1 (every response token kept), lr 0, from the timed steps' start weights. At the rule's
 # default ρ the per-row top-k meets near-ties (random models' entropies all sit near ln V) that fp32 noise of other
 # shapes flips: at the CPU size the scores agreed within 1e-6 of their range, yet 4 of 2,340 kept tokens swapped,
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(one: dict, other: dict, args) -> tuple[bool, str] | None:
-    """common.step_agreement with `one` at ρ = 1, and the timed steps' kept and response counts; None when one
+    """agreement.step_agreement with `one` at ρ = 1, and the timed steps' kept and response counts; None when one
     failed."""
     if "error" in one or "error" in other:
         return None
