@@ -247,6 +247,24 @@ def test_a_missing_argument_raises_and_the_rollout_shows_the_error():
     assert rollout.run_tool_call({"name": "query_train_info", "arguments": arguments}, tools).startswith("Error: ")
 
 
+def test_the_system_prompt_states_the_plan_format_and_its_example_reads_and_adds_up():
+    prompt = deepplanning.SYSTEM_PROMPT
+    for line in ("\nDay N:\n", "\nCurrent City: from A to B", "\nAccommodation: Hotel Name, ¥price/room/night",
+                 "\nBudget Summary:\n", "\nTotal Estimated Budget: N RMB\n", "<plan> and </plan>"):
+        assert line in prompt
+    for kind in ("travel_intercity_public", "travel_city", "attraction", "meal", "hotel", "buffer"):
+        assert f"\nHH:MM-HH:MM | {kind} | " in prompt
+    for tool in ("recommend_attractions", "query_hotel_info", "recommend_restaurants", "query_road_route_info"):
+        assert tool in prompt
+    days, total = deepplanning_checks.parse_plan("<plan>" + prompt.rsplit("<plan>", 1)[1])
+    assert [d["city"] for d in days] == ["from Shanghai to Suzhou", "from Suzhou to Shanghai"]
+    assert (days[0]["hotel"], days[1]["hotel"]) == (("Canal View Hotel", 600.0), None)
+    assert [len(d["acts"]) for d in days] == [16, 8] and total == 1606
+    assert all(b["start"] == a["end"] for d in days for a, b in zip(d["acts"], d["acts"][1:]))
+    # 2 people, 1 room: trains 160, taxis 76 (one car), hotel 600, meals 430, tickets 340
+    assert deepplanning_checks.plan_cost(days, {"people_number": 2, "room_number": 1}) == 1606
+
+
 # ---------------------------------------------------------------- tasks and splits
 
 def test_tasks_carry_the_query_the_tools_and_a_reward():
