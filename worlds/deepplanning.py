@@ -160,7 +160,8 @@ MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN
 
 
 class TravelDatabase:
-    """One task's CSV tables (id_<n>/), each read on first use; every value stays a string, as written."""
+    """One task's CSV tables (id_<n>/), each read on first use: rows (every value a string, as written; what the
+    checks read) and frame (as the official tools see them)."""
     def __init__(self, folder: Path):
         self.folder, self.tables, self.frames = Path(folder), {}, {}
 
@@ -183,9 +184,10 @@ def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2)
 
 
-def _items(cell, separator: str = ";") -> list[str] | None:
-    """A list cell (hotel services, restaurant tags) split as the official tools split it; None when blank."""
-    return cell.split(separator) if isinstance(cell, str) and cell.strip() else None
+def _items(cell) -> list[str] | None:
+    """A ";"-separated cell (hotel services, restaurant tags) split as the official tools split it; None when
+    blank."""
+    return cell.split(";") if isinstance(cell, str) and cell.strip() else None
 
 
 def _cleaned(cell) -> str:
