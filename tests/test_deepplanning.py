@@ -12,7 +12,7 @@ from transformers.utils import get_json_schema
 import rollout
 import worlds
 import tip
-from worlds import deepplanning, deepplanning_checks
+from worlds import deepplanning, deepplanning_checks, deepplanning_tools
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepplanning"
 QUERIES = json.loads((FIXTURE / "data" / "travelplanning_query_en.json").read_text())
@@ -21,8 +21,8 @@ DATABASE = FIXTURE / "database" / "database_en"
 
 
 def tools_of(task_id: int) -> dict:
-    db = deepplanning.TravelDatabase(DATABASE / f"id_{task_id}")
-    return {tool.__name__: tool for tool in deepplanning.travel_tools(db)}
+    db = deepplanning_tools.TravelDatabase(DATABASE / f"id_{task_id}")
+    return {tool.__name__: tool for tool in deepplanning_tools.travel_tools(db)}
 
 
 # ---------------------------------------------------------------- tools
@@ -212,7 +212,7 @@ def test_missing_cells_show_as_in_the_official_tools(tmp_path):
         path = folder / table
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new))
-    tools = {tool.__name__: tool for tool in deepplanning.travel_tools(deepplanning.TravelDatabase(folder))}
+    tools = {tool.__name__: tool for tool in deepplanning_tools.travel_tools(deepplanning_tools.TravelDatabase(folder))}
     noodles = tools["query_restaurant_details"]("Jinling Noodle House")
     assert '"price_per_person": "nan"' in noodles and '"cuisine": NaN' in noodles
     ji = json.loads(tools["query_hotel_info"]("Nanjing", "2025-11-12", "2025-11-13", hotelBrands="Ji Hotel"))[0]
@@ -402,7 +402,7 @@ BREAKS = {
 
 
 def score(plan: str, meta: dict | None = None) -> tuple[float, dict]:
-    db = deepplanning.TravelDatabase(DATABASE / "id_0")
+    db = deepplanning_tools.TravelDatabase(DATABASE / "id_0")
     conversation = [{"role": "user", "content": QUERIES[0]["query"]},
                     {"role": "assistant", "content": '<tool_call>{"name": "search_location"}</tool_call>'},
                     {"role": "tool", "content": "Error"},
@@ -508,7 +508,7 @@ def test_the_plan_is_delivered_and_extracted_as_the_official_agent_does():
         == "a\n\nb"
     assert extract("<plan>draft</plan></THINK>text<plan>final</plan>") == "final"
     assert extract("<think><plan>inside</plan></think>") == ""
-    db = deepplanning.TravelDatabase(DATABASE / "id_0")
+    db = deepplanning_tools.TravelDatabase(DATABASE / "id_0")
 
     def scores(content: str) -> dict:
         return deepplanning.plan_scores(META, db, [{"role": "assistant", "content": content}])
