@@ -124,11 +124,23 @@ def test_greedy_equals_generate_token_for_token(student, tokenizer, prompts, sto
     assert tokenizer.eos_token_id in hf.input_ids[hf.response_mask].tolist()
 
 
+def fitted(model, batch, mask, labels, steps: int):
+    """`model` trained on the left-padded rows `batch` (loss at `labels` other than -100) until it reproduces them."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=batch, attention_mask=mask, position_ids=position_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
 def tool_calling_student(tokenizer, tasks, turns, steps=400):
     """A student that learned each task's scripted assistant turns (`turns[i]`, a tool call and then an answer),
     with the tool's real results between them: greedy decoding replays a conversation with tools."""
     model = qwen3(tokenizer, initializer_range=0.02)
-    rows, targets = [], []
+    rows = []
     for task, texts in zip(tasks, turns):
         messages = [dict(m) for m in task.messages]
         for text in texts:
@@ -140,14 +152,7 @@ def tool_calling_student(tokenizer, tasks, turns, steps=400):
         rows.append(ids)
     batch, mask = rollout.left_padded(rows, tokenizer.pad_token_id)
     labels = batch.masked_fill(mask == 0, -100)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=batch, attention_mask=mask, position_ids=position_ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+    return fitted(model, batch, mask, labels, steps)
 
 
 @requires_vllm
@@ -377,14 +382,7 @@ def answering_student(tokenizer, prompts, shares, steps=150):
     batch, mask = rollout.left_padded(rows, tokenizer.pad_token_id)  # the answers, equally long, end every row
     labels = batch.clone()
     labels[:, :-len(tokenizer("\\boxed{1}<|im_end|>", add_special_tokens=False).input_ids)] = -100
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=batch, attention_mask=mask, position_ids=position_ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+    return fitted(model, batch, mask, labels, steps)
 
 
 @requires_vllm
