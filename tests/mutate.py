@@ -126,6 +126,9 @@ MUTANTS = [
            ("tests/test_conversations.py",)),
     Mutant("the agent's mistake is the call token, not its argument", "worlds/agent.py",
            "calls = [i + 1 for i, token in", "calls = [i for i, token in", ("tests/test_agent.py",)),
+    Mutant("the engine samples every row up to the batch's largest budget", "rollout.py",
+           "engine.sample_tokens(contexts, rooms, temperature", "engine.sample_tokens(contexts, [max(rooms)] * "
+           "len(contexts), temperature", ("tests/test_conversations.py", "-k", "own_budget")),
     Mutant("DeepPlanning trains on 20 % and holds out 80 %", "worlds/deepplanning.py", "cut = len(shuffled) * 4 // 5",
            "cut = len(shuffled) // 5", ("tests/test_deepplanning.py",)),
     Mutant("the study runs a finished run again", "benchmarks/study.py",

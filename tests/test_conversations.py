@@ -180,3 +180,44 @@ def test_real_conversations_are_scored_on_their_own_tokens():
     metrics = train.train_step(student, teacher, batch, optimizer, config, 0, torch.Generator().manual_seed(0))
     assert metrics["kept_tokens"] == int(batch.response_mask.sum())
     assert metrics["loss"] == pytest.approx(float(reverse_kl.mean()), rel=1e-4)
+
+
+class ScriptedEngine:
+    """Stands in for vllm_engine.VLLMEngine.sample_tokens with the scripted turns, keeping to each context's own
+    limit as the engine does; records the limits it was given."""
+    def __init__(self, tokenizer):
+        self.sample, self.limits = scripted_sampler(tokenizer), []
+
+    def sample_tokens(self, contexts, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
+        assert len(max_new_tokens) == len(contexts)
+        self.limits.append(list(max_new_tokens))
+        return [self.sample(None, None, [ids], 1, room)[0] for ids, room in zip(contexts, max_new_tokens)]
+
+
+def test_an_engine_samples_each_row_up_to_its_own_budget(monkeypatch):
+    """Through an engine, every turn asks for each live row exactly its remaining budget (the limit less what
+    follows its prompt so far), never the batch's largest, and the conversations equal generate's."""
+    tokenizer = tokenizer_with_tools()
+    model = tiny_causal_lm(tokenizer, 16, layers=1)
+    monkeypatch.setattr(rollout, "sample_tokens", scripted_sampler(tokenizer))
+    spent_differently = False
+    for limit in (40, 90, 160, 300):
+        hf = rollout.generate_conversations(model, tokenizer, tasks(), 1, limit, max_turns=4)
+        engine = ScriptedEngine(tokenizer)
+        ours = rollout.generate_conversations(model, tokenizer, tasks(), 1, limit, max_turns=4, engine=engine)
+        assert torch.equal(hf.input_ids, ours.input_ids) and torch.equal(hf.response_mask, ours.response_mask)
+        assert hf.conversations == ours.conversations
+        # replay the turns: a row's budget is the limit less its tokens after the prompt before that turn
+        used = [0] * len(tasks())
+        for turn, limits in enumerate(engine.limits):
+            live = [b for b in range(len(tasks())) if len([m for m in ours.conversations[b]
+                                                           if m["role"] == "assistant"]) > turn]
+            assert limits == [limit - used[b] for b in live], (limit, turn)
+            for b in live:  # what row b holds after this turn: its prompt's continuation up to the next turn
+                row = ours.attention_mask[b].bool()
+                after = ours.response_mask[b][row][int(ours.prompt_lengths[b]):].tolist()
+                sampled_turns = [i for i, (m, n) in enumerate(zip([False] + after, after)) if n and not m]
+                ends = sampled_turns[turn + 1] if turn + 1 < len(sampled_turns) else len(after)
+                used[b] = ends
+        spent_differently |= any(len(set(limits)) > 1 for limits in engine.limits)
+    assert spent_differently  # rows of one turn did have different budgets left
