@@ -221,3 +221,29 @@ def test_an_engine_samples_each_row_up_to_its_own_budget(monkeypatch):
                 used[b] = ends
         spent_differently |= any(len(set(limits)) > 1 for limits in engine.limits)
     assert spent_differently  # rows of one turn did have different budgets left
+
+
+def constants(values: dict):
+    """A `lookup` tool over its own table: tasks whose tools answer differently."""
+    def lookup(name: str) -> int:
+        """Look a constant up by its name.
+
+        Args:
+            name: the constant's name, one capital letter
+        """
+        return values[name]
+    return lookup
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_each_rows_calls_run_against_its_own_tasks_tools(n, monkeypatch):
+    """Tasks with the same script but tools of their own (A is 7, 1, 4): every row's tool result comes from its
+    own task's tools, whichever its position among the n rollouts of each task."""
+    tokenizer = tokenizer_with_tools()
+    model = tiny_causal_lm(tokenizer, 16, layers=1)
+    monkeypatch.setattr(rollout, "sample_tokens", scripted_sampler(tokenizer))
+    values = [7, 1, 4]
+    own = [rollout.Task([{"role": "user", "content": "task 0"}], [constants({"A": v})]) for v in values]
+    batch = rollout.generate_conversations(model, tokenizer, own, n, 200, max_turns=3)
+    results = [[m["content"] for m in c if m["role"] == "tool"] for c in batch.conversations]
+    assert results == [[str(v)] for v in values for _ in range(n)]

@@ -507,6 +507,10 @@ def test_the_plan_is_delivered_and_extracted_as_the_official_agent_does():
     assert extract("<PLAN> x </Plan>") == "x" and extract("<plan>a</plan> then <plan>\n\n</plan><plan>b</plan>") \
         == "a\n\nb"
     assert extract("<plan>draft</plan></THINK>text<plan>final</plan>") == "final"
+    # several reasoning blocks: only what follows the last one is delivered
+    assert extract("<think>a</think><plan>early</plan><think>b <plan>in thought</plan></think>\n<plan>last</plan>") \
+        == "last"
+    assert extract("<think>a</think><plan>early</plan><think>then I drop it</think>") == ""
     assert extract("<think><plan>inside</plan></think>") == ""
     db = deepplanning_tools.TravelDatabase(DATABASE / "id_0")
 
@@ -575,3 +579,28 @@ def test_an_arrival_after_midnight_is_read_on_the_clock_as_officially():
     assert checks["essential_meal_coverage"] and checks["essential_attraction_coverage"]
     one_meal = late.replace("12:50-14:00 | meal | Lunch, Six Dynasties Pine Teahouse, ¥120/person\n", "")
     assert not score(one_meal)[1]["essential_meal_coverage"]  # arriving at 00:30 needs both meals
+
+
+@pytest.mark.parametrize("depart_weekday", range(1, 8))
+def test_closure_days_follow_the_calendar_through_the_week(depart_weekday):
+    """A day-1 sight closed on the departure's weekday, or a day-2 sight closed on the next weekday (Sunday then
+    Monday included), fails avoidance_of_closure_days; closed on any other weekday, it passes."""
+    names = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+    db = deepplanning_tools.TravelDatabase(DATABASE / "id_0")
+
+    class ClosedOn:  # the fixture's tables, with chosen closing days
+        def __init__(self, closures: dict):
+            self.closures = closures
+
+        def rows(self, table):
+            rows = db.rows(table)
+            if table != "attractions":
+                return rows
+            return [{**row, "closing_dates": self.closures.get(row["attraction_name"], "")} for row in rows]
+    days, total = deepplanning_checks.parse_plan(f"<plan>{GOOD_PLAN}</plan>")
+    meta = {**META, "depart_weekday": depart_weekday}
+    for day, sight in ((0, "Nanjing City Wall Taicheng Scenic Area"), (1, "Laomendong")):
+        for closed in range(1, 8):
+            checks = deepplanning_checks.plan_checks(meta, ClosedOn({sight: names[closed - 1]}), days, total)
+            visited_on = (depart_weekday - 1 + day) % 7 + 1
+            assert checks["avoidance_of_closure_days"] == (closed != visited_on), (sight, closed)
