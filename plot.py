@@ -48,8 +48,8 @@ PANELS = [  # title, [(field, label, line style)]
 ]
 
 
-def plot(run_dirs: list[str], out: str | Path) -> dict[str, dict[str, list[float]]]:
-    """Draws the runs into `out`; returns each panel's curves, {title: {label: values}}."""
+def plot(run_dirs: list[str], out: str | Path) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Draws the runs into `out`; returns each panel's curves as drawn, {title: {label: (steps, values)}}."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no screen needed
     import matplotlib.pyplot as plt
@@ -72,7 +72,8 @@ def plot(run_dirs: list[str], out: str | Path) -> dict[str, dict[str, list[float
             ax.legend(fontsize=7)
     fig.suptitle(", ".join(runs))
     fig.savefig(out, dpi=110)
-    curves = {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.lines} for ax in axes.flat}
+    curves = {ax.get_title(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                               for line in ax.lines} for ax in axes.flat}
     plt.close(fig)
     return curves
 

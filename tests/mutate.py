@@ -258,6 +258,19 @@ MUTANTS = [
            ("tests/test_trackers.py", "-k", "held_out_accuracy_at")),
     Mutant("TensorBoard's config written on resume only", "trackers.py", "    if not start_step:\n        writer",
            "    if start_step:\n        writer", ("tests/test_trackers.py", "-k", "tensorboard_scalars")),
+    # round B's survivors
+    Mutant("a resumed trackio run opens a second run", "trackers.py", 'config=config, resume="allow")',
+           "config=config)", ("tests/test_trackers.py", "-k", "trackio")),
+    Mutant("the plot numbers the points 1..n", "plot.py", "return [s for s, _ in points], [v for _, v in points]",
+           "return list(range(1, len(points) + 1)), [v for _, v in points]", ("tests/test_trackers.py", "-k", "plot")),
+    Mutant("every rank opens the trackers", "train.py", "dataclasses.asdict(config), start_step) if master else []",
+           "dataclasses.asdict(config), start_step)", ("tests/test_train.py", "-k", "four_ranks and ddp")),
+    Mutant("a resumed run evaluates 'before' again", "train.py", "if eval_problems and start_step == 0:",
+           "if eval_problems:", ("tests/test_trackers.py", "-k", "held_out_accuracy_at")),
+    Mutant("tokens per second over the sampling time", "train.py", 'metrics["response_tokens"] / elapsed',
+           'metrics["response_tokens"] / sampled_seconds', ("tests/test_trackers.py", "-k", "tensorboard_scalars")),
+    Mutant("WANDB_MODE ignored", "trackers.py", 'mode=os.environ.get("WANDB_MODE", "offline")', 'mode="offline"',
+           ("tests/test_trackers.py", "-k", "wandb")),
 ]
 
 

@@ -41,6 +41,9 @@ def test_tensorboard_scalars_are_the_metrics_lines_and_a_resume_continues_them(p
             logged = [e for e in events.Scalars(key) if e.step == line["step"]]
             assert len(logged) == 1 and logged[0].value == pytest.approx(value, rel=1e-6, abs=1e-12), (key, line)
     assert set(events.Tags()["scalars"]) == {k for line in lines for k in numbers(line)}
+    for line in lines:  # the rates: every token the step sampled over the step's whole time, sampling included
+        assert line["tokens_per_second"] == pytest.approx(line["response_tokens"] / line["seconds"], rel=1e-9)
+        assert 0 < line["rollout_seconds"] < line["seconds"]
     assert len(events.Tensors("config/text_summary")) == 1  # written by the fresh run, not again on resume
 
 
@@ -95,13 +98,15 @@ def test_wandb_offline_run_holds_every_metrics_line_and_a_resume_reopens_it(pair
             assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
-def test_trackio_local_store_holds_every_metrics_line(pair_and_prompts, tmp_path):
-    """trackio's local store ($TRACKIO_DIR), read back with its own storage class: every line at its step."""
+def test_trackio_local_store_holds_every_metrics_line_and_a_resume_continues_its_run(pair_and_prompts, tmp_path):
+    """trackio's local store ($TRACKIO_DIR), read back with its own storage class: one run, the one this run
+    folder names, with every line at its step, also after a run of 2 steps is resumed to 3."""
     pytest.importorskip("trackio")
     store = tmp_path / "trackio"
-    result = run_elsewhere({"TRACKIO_DIR": str(store)}, *cli(pair_and_prompts, tmp_path, "ta", "--steps", "3",
-                                                             "--report-to", "trackio"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    for extra in ([], ["--resume", "--steps", "3"]):
+        result = run_elsewhere({"TRACKIO_DIR": str(store)}, *cli(pair_and_prompts, tmp_path, "ta", "--steps", "2",
+                                                                 "--report-to", "trackio", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
     read = subprocess.run([sys.executable, "-c", "import json, sys; from trackio.sqlite_storage import SQLiteStorage;"
                            "print(json.dumps({r: SQLiteStorage.get_logs('tip', r) for r in SQLiteStorage.get_runs("
                            "'tip')}, default=str))"], env={**os.environ, "TRACKIO_DIR": str(store)},
@@ -111,10 +116,31 @@ def test_trackio_local_store_holds_every_metrics_line(pair_and_prompts, tmp_path
     assert run == (tmp_path / "ta" / ".trackio-run-id").read_text()
     lines = metrics(tmp_path / "ta")
     by_step = {log["step"]: log for log in logs}
-    assert sorted(by_step) == [line["step"] for line in lines]
+    assert sorted(by_step) == [line["step"] for line in lines] == [1, 2, 3] and len(logs) == 3
     for line in lines:
         for key, value in numbers(line).items():
             assert by_step[line["step"]][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+@pytest.mark.parametrize("mode", [None, "disabled", "online"])
+def test_wandb_is_offline_unless_wandb_mode_says_otherwise(tmp_path, monkeypatch, mode):
+    """W&B's own setting wins: WANDB_MODE chooses; without it the run stays offline, in the run folder, under this
+    folder's run id, reopened on resume."""
+    pytest.importorskip("wandb")
+    import wandb
+    import trackers
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or type(
+        "Run", (), {"log": lambda self, *a, **k: None, "finish": lambda self: None})())
+    if mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    trackers.wandb(tmp_path, {"rule": "type_aware"}, 0)
+    (init,) = calls
+    assert init["mode"] == (mode or "offline") and init["dir"] == str(tmp_path)
+    assert init["id"] == (tmp_path / ".wandb-run-id").read_text() and init["resume"] == "allow"
+    assert init["config"] == {"rule": "type_aware"}
 
 
 @pytest.mark.parametrize("missing", ["tensorboard", "wandb", "trackio"])
@@ -139,7 +165,7 @@ def test_trackers_get_every_line_and_the_held_out_accuracy_at_its_step_and_are_c
     monkeypatch.setattr(trackers, "open_trackers", lambda names, run_dir, config, start_step: [
         trackers.Tracker(logged.append, lambda: closed.append(start_step))])
     monkeypatch.setattr(worlds, "held_out_problems", lambda config, tokenizer: [{"prompt": "1+1=", "answer": "2"}])
-    accuracies = iter([0.25, 0.5, 0.75, 1.0])
+    accuracies = iter([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
     monkeypatch.setattr(evaluate, "held_out_accuracy", lambda *a, **k: next(accuracies))
     train.main(cli(pair_and_prompts, tmp_path, "held", "--steps", "2", "--eval-every", "2", "--report-to",
                    "tensorboard"))
@@ -147,11 +173,18 @@ def test_trackers_get_every_line_and_the_held_out_accuracy_at_its_step_and_are_c
     assert lines[0] == dict(step=0, held_out_accuracy=0.25) and lines[-1] == dict(step=2, held_out_accuracy=0.75)
     assert logged == lines and len(lines) == 4 and [line["step"] for line in lines] == [0, 1, 2, 2]
     assert lines[2]["held_out_accuracy"] == 0.5 and "held_out_accuracy" not in lines[1] and closed == [0]
+    logged.clear()  # resumed to 3 steps: no second "before" accuracy, the "after" one at the new last step
+    train.main(cli(pair_and_prompts, tmp_path, "held", "--steps", "3", "--eval-every", "2", "--report-to",
+                   "tensorboard", "--resume"))
+    lines = metrics(tmp_path / "held")
+    assert logged == lines[4:] and [line["step"] for line in logged] == [3, 3] and closed == [0, 2]
+    assert [line for line in lines if line["step"] == 0] == [dict(step=0, held_out_accuracy=0.25)]
+    assert logged[-1] == dict(step=3, held_out_accuracy=1.0) and "held_out_accuracy" not in logged[0]
     real_step = train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)
                         or real_step(*a, **k))
     train.main(cli(pair_and_prompts, tmp_path, "stopped", "--steps", "3", "--report-to", "tensorboard"))
-    assert closed == [0, 0] and (tmp_path / "stopped" / "checkpoint-000001").is_dir()
+    assert closed == [0, 2, 0] and (tmp_path / "stopped" / "checkpoint-000001").is_dir()
 
 
 def test_a_tracker_gets_the_numbers_of_the_line_and_the_bar_shows_its_own(tmp_path):
@@ -189,16 +222,36 @@ def test_plot_draws_one_run_and_two_overlaid(pair_and_prompts, tmp_path):
     lines = {rule: metrics(tmp_path / rule) for rule in ("type_aware", "entropy")}
     quadrants = curves["two"]["quadrant shares: kept (solid), all (dotted)"]
     for rule in lines:
+        steps = [line["step"] for line in lines[rule]]
         for q in range(1, 5):
-            assert quadrants[f"{rule}: Q{q} kept"] == [line[f"q{q}_share_kept"] for line in lines[rule]]
-            assert quadrants[f"{rule}: Q{q} all"] == [line[f"q{q}_share"] for line in lines[rule]]
-        assert curves["two"]["loss and mean reverse KL"][f"{rule}: mean δ"] == [
-            line["mean_reverse_kl"] for line in lines[rule]]
-        assert curves["two"]["kept fraction"][f"{rule}: kept"] == [line["kept_fraction"] for line in lines[rule]]
+            assert quadrants[f"{rule}: Q{q} kept"] == (steps, [line[f"q{q}_share_kept"] for line in lines[rule]])
+            assert quadrants[f"{rule}: Q{q} all"] == (steps, [line[f"q{q}_share"] for line in lines[rule]])
+        assert curves["two"]["loss and mean reverse KL"][f"{rule}: mean δ"] == (
+            steps, [line["mean_reverse_kl"] for line in lines[rule]])
+        assert curves["two"]["kept fraction"][f"{rule}: kept"] == (steps, [line["kept_fraction"]
+                                                                           for line in lines[rule]])
     plot.main([str(tmp_path / "type_aware"), "--out", str(tmp_path / "cli.png")])
     assert (tmp_path / "cli.png").is_file()
-    steps, values = plot.series(metrics(tmp_path / "type_aware"), "loss")
-    assert steps == [1, 2] and values == [line["loss"] for line in metrics(tmp_path / "type_aware")]
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_draws_each_number_at_the_step_it_was_logged(tmp_path):
+    """The x of every point is the step of its metrics.jsonl line: the held-out accuracy before training at step 0
+    and after it at the last step, a skipped step (no loss) leaves a gap, a resumed run's lines start past 1."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [dict(step=0, held_out_accuracy=0.25),
+             dict(step=5, loss=0.5, reward=0.1, kept_fraction=0.2, skipped=""),
+             dict(step=6, loss=None, reward=0.2, kept_fraction=None, skipped="non-finite loss"),
+             dict(step=8, loss=0.25, reward=0.4, kept_fraction=0.3, skipped=""),
+             dict(step=8, held_out_accuracy=0.75)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curves = plot.plot([str(run)], tmp_path / "run.png")
+    assert curves["loss and mean reverse KL"] == {"loss": ([5, 8], [0.5, 0.25])}
+    assert curves["kept fraction"] == {"kept": ([5, 8], [0.2, 0.3])}
+    assert curves["reward and held-out accuracy"] == {"reward": ([5, 6, 8], [0.1, 0.2, 0.4]),
+                                                      "held-out": ([0, 8], [0.25, 0.75])}
+    assert plot.series(lines, "held_out_accuracy") == ([0, 8], [0.25, 0.75])

@@ -1,5 +1,6 @@
 """train.py: the masked OPD step (Eqs. 1, 9) against plain formulas, its two passes, ranks, FSDP2, resume, CLI."""
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -704,10 +705,13 @@ def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_
     (the weights do not move), nobody hangs, and step 2 trains. SIGTERM reaches rank 2 alone during step 2 of 3:
     every rank stops after step 2, with its checkpoint, and the run exits cleanly. Under FSDP2 the skipped step
     (forwards without a backward) is followed by a checkpoint, and the run then resumes on 2 processes."""
+    tensorboard = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
     args = cli(pair_and_prompts, tmp_path, "ranks", "--steps", "3", "--rollouts-per-prompt", "4", "--save-every", "1",
-               *sharding)
+               *sharding, *tensorboard)
     result = torchrun(4, str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "nan_on_rank_1", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = sorted((tmp_path / "ranks" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == (1 if tensorboard else 0)  # rank 0 alone opens the trackers
     assert "stopped after step 2" in result.stdout + result.stderr
     assert sorted(p.name for p in (tmp_path / "ranks").glob("checkpoint-*")) == [
         "checkpoint-000001", "checkpoint-000002"] and not (tmp_path / "ranks" / "final").exists()
@@ -727,6 +731,8 @@ def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_
         # 4 saved random states do not map onto 2 processes: none is restored, and the log says so
         assert "saved by 4 processes, not 2: the random state is not restored" in resumed.stdout
         assert [line["step"] for line in comparable(tmp_path / "ranks" / "metrics.jsonl")] == [1, 2, 3]
+        assert len(list((tmp_path / "ranks" / "tensorboard").glob("events.out.tfevents.*"))) == (
+            2 if tensorboard else 0)  # and rank 0 of the resumed run
         final = load_file(tmp_path / "ranks" / "final" / "model.safetensors")
         assert final.keys() == start.keys() and not all(torch.equal(final[n], after[1][n]) for n in start)
 
