@@ -271,6 +271,14 @@ MUTANTS = [
            'metrics["response_tokens"] / sampled_seconds', ("tests/test_trackers.py", "-k", "tensorboard_scalars")),
     Mutant("WANDB_MODE ignored", "trackers.py", 'mode=os.environ.get("WANDB_MODE", "offline")', 'mode="offline"',
            ("tests/test_trackers.py", "-k", "wandb")),
+    # round D's survivors
+    Mutant("the reward averaged on each rank alone", "train.py",
+           "reward_sum, reward_count = tip.all_reduce_sum([sum(scored), len(scored)], device)",
+           "reward_sum, reward_count = sum(scored), len(scored)", ("tests/test_train.py", "-k", "four_ranks and ddp")),
+    Mutant("CPU peak memory in the wrong unit", "tip.py", "ru_maxrss / 2**20", "ru_maxrss / 2**30",
+           ("tests/test_tip.py", "-k", "peak_memory")),
+    Mutant("toy problems unique within each split only", "worlds/toy.py", "        splits[name] = []\n",
+           "        splits[name], seen = [], set()\n", ("tests/test_toy.py", "-k", "splits")),
 ]
 
 

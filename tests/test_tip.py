@@ -408,3 +408,16 @@ def test_no_file_calls_another_files_private_names():
         calls = re.findall(rf"\b(?:{modules})\._[A-Za-z]\w*", path.read_text())
         assert not calls, f"{path.name} reaches into another file's private names: {calls}"
 
+
+
+def test_peak_memory_is_in_gib_by_the_kernels_and_torchs_own_counters(monkeypatch):
+    """CPU: the process's high-water resident set, as the kernel reports it in /proc/self/status (VmHWM, kB);
+    GPU: torch.cuda.max_memory_allocated, in bytes. Both are read back in GiB."""
+    def high_water_gib() -> float:
+        line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
+    before = high_water_gib()
+    peak = tip.peak_memory_gb(torch.device("cpu"))
+    assert before * 0.999 <= peak <= high_water_gib() * 1.001 and peak > 0.01  # a torch process holds > 10 MiB
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    assert tip.peak_memory_gb(torch.device("cuda", 0)) == 3.0

@@ -42,16 +42,20 @@ def test_solutions_are_worked_steps_ending_in_the_box():
 
 
 def test_splits_are_deterministic_disjoint_and_correct():
-    recipe = dataclasses.replace(TINY, test_problems=50, trigger_problems=50, train_problems=200, digits=2)
+    """The world's own recipe (one-digit operands: a small space, where repeats are likely), and no problem is in
+    two splits: distillation never sees a held-out problem."""
+    recipe = toy.DEFAULT_RECIPE
     splits = toy.make_splits(recipe)
     assert splits == toy.make_splits(recipe)
     assert splits != toy.make_splits(dataclasses.replace(recipe, seed=1))
-    assert [len(splits[s]) for s in ("train", "test", "trigger")] == [200, 50, 50]
+    assert [len(splits[s]) for s in ("train", "test", "trigger")] == [2000, 500, 500]
+    held_out = {p["problem"] for s in ("test", "trigger") for p in splits[s]}
+    assert held_out.isdisjoint(p["problem"] for p in splits["train"])
     texts = [p["problem"] for s in splits.values() for p in s]
     assert len(set(texts)) == len(texts)
     for problem in (p for s in splits.values() for p in s):
         operands = [int(x) for x in problem["problem"].rstrip("=").replace("-", "+").split("+")]
-        assert 2 <= len(operands) <= 4 and max(operands) <= 99 and problem["problem"].endswith("=")
+        assert 2 <= len(operands) <= 4 and max(operands) <= 9 and problem["problem"].endswith("=")
         assert problem["answer"] == str(eval(problem["problem"].rstrip("=")))  # plain integer arithmetic
 
 

@@ -701,7 +701,7 @@ def test_the_skip_counter_restarts_after_a_step_that_trains(pair_and_prompts, tm
 
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_and_prompts, tmp_path, sharding):
-    """4 processes share 2 prompts × 4 rollouts; rank 1's scores are NaN at step 1 only. Every rank skips step 1
+    """4 processes share 2 prompts × 4 rollouts; rank 1's scores are NaN at step 1 only; the reward is global. Every rank skips step 1
     (the weights do not move), nobody hangs, and step 2 trains. SIGTERM reaches rank 2 alone during step 2 of 3:
     every rank stops after step 2, with its checkpoint, and the run exits cleanly. Under FSDP2 the skipped step
     (forwards without a backward) is followed by a checkpoint, and the run then resumes on 2 processes."""
@@ -718,6 +718,8 @@ def test_four_ranks_two_prompts_a_nan_on_one_rank_and_a_sigterm_on_another(pair_
     first, second = comparable(tmp_path / "ranks" / "metrics.jsonl")
     assert first["skipped"].endswith("non-finite token scores") and not second["skipped"]
     assert second["kept_tokens"] > 0 and second["response_tokens"] <= 2 * 4 * 6
+    # the reward is the mean over every graded rollout of every rank: ranks 0-2 grade 2 rollouts, rank 3 one
+    assert first["reward"] == second["reward"] == pytest.approx((2 * (0 + 1 + 2) + 3) / 7, rel=1e-12)
     from safetensors.torch import load_file
     start = load_file(pair_and_prompts / "student" / "model.safetensors")
     after = [checkpoint_weights(tmp_path / "ranks" / f"checkpoint-00000{s}") for s in (1, 2)]

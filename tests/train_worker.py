@@ -14,6 +14,7 @@ tool results inside the responses); saves the weight update and the metrics. hel
 evaluate.held_out_accuracy with a stand-in grader (a problem is right when its answer is "1"),
 so the accuracy of the whole set is known; saves it.
 """
+import itertools
 import json
 import os
 import signal
@@ -140,6 +141,11 @@ def worker() -> None:
             return stats._replace(reverse_kl=stats.reverse_kl * float("nan")) if len(calls) == 1 else stats
         if tip.rank() == 1:
             train.score.chunked_token_stats = nan_once
+        graded = itertools.count()  # each rank's reward is its rank; rank 3 grades one of its 2 rollouts a step
+
+        def reward_of_the_rank(*args, **kwargs):
+            return None if tip.rank() == 3 and next(graded) % 2 == 0 else float(tip.rank())
+        train.grade.reward = reward_of_the_rank
         train.main(sys.argv[3:])  # it ends the process group itself
         return
     if mode == "rng":  # each rank's random state, saved with a checkpoint and restored by the resume
