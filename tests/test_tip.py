@@ -409,7 +409,6 @@ def test_no_file_calls_another_files_private_names():
         assert not calls, f"{path.name} reaches into another file's private names: {calls}"
 
 
-
 def test_peak_memory_is_in_gib_by_the_kernels_and_torchs_own_counters(monkeypatch):
     """CPU: the process's high-water resident set, as the kernel reports it in /proc/self/status (VmHWM, kB);
     GPU: torch.cuda.max_memory_allocated, in bytes. Both are read back in GiB."""

@@ -11,8 +11,6 @@ import plot
 import train
 from conftest import ROOT, cli
 
-TIMING = ("seconds", "rollout_seconds", "tokens_per_second", "peak_memory_gb")
-
 
 def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

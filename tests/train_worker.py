@@ -3,6 +3,8 @@
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR ddp|fsdp|conversations|held_out
     python -m torch.distributed.run --nproc_per_node=N tests/train_worker.py OUT_DIR nan_on_rank_1 TRAIN_ARGS...
 
+nan_on_rank_1: train.main with rank 1's first scores NaN, SIGTERM on rank 2 in step 2, and each rank's rewards
+its rank number (rank 3 grades one rollout of its two), so the global mean reward is known.
 rng: each rank's random state through save_checkpoint and resume_from; saves its draws after each.
 save_sharded / resume_sharded: an FSDP2 checkpoint after one AdamW step, and its resume; saves the whole state.
 balance: rollout.balance_over_ranks of uneven rows; saves each rank's rows after.
